@@ -1,0 +1,53 @@
+"""Shared test fixtures: the reference oracle (random-weight checkpoint + reference tensors).
+
+The oracle is built by `make oracle` (tests/reference/build.py in the oracle venv). A parity test may skip only
+outside CI, and loudly; with CI=true a missing oracle fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
+
+import oracle_paths  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _missing(what: Path) -> None:
+    msg = (
+        f"REFERENCE ORACLE MISSING: {what} is not built. Run `make oracle` "
+        f"(builds the reference venv and dumps; cache root {oracle_paths.ROOT})."
+    )
+    if IN_CI:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def oracle_ckpt() -> Path:
+    """Random-weight checkpoint in the official layout, built by the reference's own modules."""
+    path = oracle_paths.ckpt_dir()
+    if not oracle_paths.is_built(path):
+        _missing(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def oracle_fixture():
+    """oracle_fixture(dump, name) -> the dict saved by tests/reference/dumps/<dump>.py as <name>.pt."""
+
+    def load(dump: str, name: str):
+        path = oracle_paths.fixture_dir(dump)
+        if not oracle_paths.is_built(path):
+            _missing(path)
+        return torch.load(path / f"{name}.pt", weights_only=True)
+
+    return load
