@@ -1,0 +1,96 @@
+"""`chatterbox-fast` command line: speak text to a wav file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def _speak_parser(sub) -> None:
+    p = sub.add_parser(
+        "speak", help="synthesise text to a 24 kHz wav file",
+        description="Synthesise TEXT to a 24 kHz mono wav. Downloads ResembleAI/chatterbox on first use unless "
+                    "--ckpt-dir points at a local copy of its files.",
+    )
+    p.add_argument("text", help="the text to speak (use '-' to read it from standard input)")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.wav"), help="output wav path (default out.wav)")
+    p.add_argument("--voice", type=Path, help="reference clip to clone (wav/flac/ogg, any rate), or a saved "
+                                              "voice profile (.pt)")
+    p.add_argument("--save-voice", type=Path, help="also save the voice profile prepared from --voice here")
+    p.add_argument("--ckpt-dir", type=Path, help="local folder with the checkpoint files (no download)")
+    p.add_argument("--device", help="cuda, cpu or mps (default: the best available)")
+    p.add_argument("--seed", type=int, help="random seed for reproducible output")
+    p.add_argument("--exaggeration", type=float, default=0.5, help="emotion exaggeration (default 0.5)")
+    p.add_argument("--cfg-weight", type=float, default=0.5, help="classifier-free guidance weight; 0 disables "
+                                                                  "it (default 0.5)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--repetition-penalty", type=float, default=1.2, help="(default 1.2)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p filter (default 0.05)")
+    p.add_argument("--top-p", type=float, default=1.0, help="top-p filter (default 1.0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=1000, help="cap on speech tokens, 25 per second "
+                                                                    "(default 1000 = 40 s)")
+    p.add_argument("--no-watermark", action="store_true", help="do not apply the Perth watermark")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--bf16", action="store_true", help="mixed precision (CUDA)")
+    p.add_argument("-v", "--verbose", action="store_true", help="progress and timings")
+
+
+def _speak(args) -> int:
+    import soundfile as sf
+
+    from .engine import OptimizedChatterboxTTS
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    kw = dict(device=args.device, enable_compilation=args.compile, use_mixed_precision=args.bf16,
+              enable_watermark=not args.no_watermark)
+    t0 = time.perf_counter()
+    if args.ckpt_dir is not None:
+        model = OptimizedChatterboxTTS.from_local(args.ckpt_dir, **kw)
+    else:
+        model = OptimizedChatterboxTTS.from_pretrained(**kw)
+    random_weights = args.ckpt_dir is not None and (args.ckpt_dir / "README.txt").is_file() and \
+        "RANDOM WEIGHTS" in (args.ckpt_dir / "README.txt").read_text()
+    if random_weights:
+        print("NOTE: this checkpoint has RANDOM WEIGHTS (test checkpoint): the output is noise, not speech.",
+              file=sys.stderr)
+    t_load = time.perf_counter() - t0
+    if args.voice is not None:
+        if args.voice.suffix == ".pt":
+            model.set_voice(args.voice)
+        else:
+            model.prepare_conditionals(str(args.voice), exaggeration=args.exaggeration)
+        if args.save_voice is not None:
+            model.save_voice(args.save_voice)
+    t0 = time.perf_counter()
+    wav = model.generate(text, exaggeration=args.exaggeration, cfg_weight=args.cfg_weight,
+                         temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                         min_p=args.min_p, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                         verbose=args.verbose)
+    t_gen = time.perf_counter() - t0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(args.output, wav.squeeze(0).numpy(), model.sr, subtype="PCM_16")
+    dur = wav.shape[1] / model.sr
+    print(f"wrote {args.output}: {dur:.2f} s of audio at {model.sr} Hz "
+          f"(load {t_load:.1f} s, synthesis {t_gen:.1f} s, RTF {t_gen / max(dur, 1e-9):.2f})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="chatterbox-fast", description="Fast Chatterbox text-to-speech.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _speak_parser(sub)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _speak(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f"chatterbox-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

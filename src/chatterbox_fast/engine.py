@@ -1,0 +1,208 @@
+"""OptimizedChatterboxTTS: the public engine (text -> 24 kHz speech, optionally in a cloned voice).
+
+Pipeline per request: text front-end -> T3 (speech tokens, CFG, sampling on device) -> token clean-up ->
+S3Gen flow (mel) -> HiFT (wav) -> trim-fade -> optional Perth watermark.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .conditioning import Conditionals
+from .constants import REPO_ID, S3GEN_SR
+from .generation.decode import clean_speech_tokens, generate_tokens
+from .generation.sampling import SamplingParams
+from .loading import Components, download_checkpoint, load_components
+
+logger = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _resolve_device(device) -> torch.device:
+    dev = torch.device(device or default_device())
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available in this torch build")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        logger.warning("MPS is not available; falling back to CPU")
+        dev = torch.device("cpu")
+    return dev
+
+
+def _load_watermarker():
+    try:
+        import perth  # resemble-perth, the `watermark` extra
+    except Exception as e:  # ImportError, or perth's own failing imports (pkg_resources, torchaudio)
+        raise ImportError(
+            "enable_watermark=True needs the Perth watermarker: pip install 'chatterbox-fast[watermark]' "
+            f"(could not import resemble-perth: {e}). Or pass enable_watermark=False."
+        ) from e
+    if getattr(perth, "PerthImplicitWatermarker", None) is None:
+        raise ImportError("resemble-perth imported but its watermarker is unavailable (setuptools >= 81 removed "
+                          "pkg_resources, which it needs): pip install 'setuptools<81'")
+    return perth.PerthImplicitWatermarker()
+
+
+class _Progress:
+    """A dependency-free progress line on stderr (only with verbose=True)."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __call__(self, i: int, _tok: Tensor) -> None:
+        if i % 10 == 0:
+            sys.stderr.write(f"\rsampling speech tokens: {i}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+class OptimizedChatterboxTTS:
+    """Chatterbox TTS engine. Build it with `from_pretrained` (downloads) or `from_local` (a folder)."""
+
+    sr = S3GEN_SR
+
+    def __init__(self, parts: Components, device: torch.device, *, enable_compilation: bool = False,
+                 use_mixed_precision: bool = False, enable_watermark: bool = True):
+        self.t3 = parts.t3
+        self.s3gen = parts.s3gen
+        self.conditioner = parts.conditioner
+        self.tokenizer = parts.tokenizer
+        self.conds: Conditionals | None = parts.conds
+        self.device = device
+        self.enable_compilation = enable_compilation
+        self.use_mixed_precision = use_mixed_precision
+        self.watermarker = _load_watermarker() if enable_watermark else None
+        self._step_fn = None
+        if enable_compilation:
+            self._step_fn = self._compile_decode()
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
+                        enable_watermark: bool = True, repo_id: str = REPO_ID, revision: str | None = None,
+                        cache_dir: str | None = None) -> "OptimizedChatterboxTTS":
+        """Download (or reuse the Hugging Face cache of) ResembleAI/chatterbox and load it."""
+        ckpt = download_checkpoint(repo_id, revision, cache_dir)
+        return cls.from_local(ckpt, device=device, enable_compilation=enable_compilation,
+                              use_mixed_precision=use_mixed_precision, enable_watermark=enable_watermark)
+
+    @classmethod
+    def from_local(cls, ckpt_dir, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
+                   enable_watermark: bool = True) -> "OptimizedChatterboxTTS":
+        """Load from a folder holding ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json
+        and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads."""
+        dev = _resolve_device(device)
+        t3_dtype = torch.float32
+        if use_mixed_precision:
+            if dev.type == "cuda":
+                t3_dtype = torch.bfloat16
+            else:
+                warnings.warn(f"use_mixed_precision=True has no effect on {dev.type}: bf16 is used on CUDA only "
+                              "(CPUs without native bf16 run it slower than fp32)", stacklevel=2)
+        parts = load_components(Path(ckpt_dir), dev, t3_dtype)
+        return cls(parts, dev, enable_compilation=enable_compilation, use_mixed_precision=use_mixed_precision,
+                   enable_watermark=enable_watermark)
+
+    def _compile_decode(self):
+        try:
+            from .generation.compile import compile_decode_step
+        except ImportError:
+            warnings.warn("enable_compilation=True: compiled decoding is not available in this build; "
+                          "running eager", stacklevel=3)
+            return None
+        return compile_decode_step(self.t3)
+
+    # ---- voices -------------------------------------------------------------------------------------------
+    def prepare_conditionals(self, wav, exaggeration: float = 0.5, sample_rate: int | None = None) -> Conditionals:
+        """Clone a voice from reference audio (a path, or an array with `sample_rate`); it becomes the current
+        voice and is returned (save it with `.save(path)`, reuse it with `set_voice`)."""
+        _check_exaggeration(exaggeration)
+        self.conds = self.conditioner(wav, exaggeration, source_sr=sample_rate)
+        return self.conds
+
+    def set_voice(self, conds: Conditionals | str | Path) -> None:
+        """Use a voice profile (a Conditionals, or a conds.pt path) for the following requests."""
+        if not isinstance(conds, Conditionals):
+            conds = Conditionals.load(conds)
+        self.conds = conds.to(self.device)
+
+    def save_voice(self, path) -> None:
+        if self.conds is None:
+            raise RuntimeError("no voice to save: call prepare_conditionals first")
+        self.conds.save(path)
+
+    # ---- synthesis ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, text: str, audio_prompt_path=None, exaggeration: float = 0.5, cfg_weight: float = 0.5,
+                 temperature: float = 0.8, repetition_penalty: float = 1.2, min_p: float = 0.05,
+                 top_p: float = 1.0, max_new_tokens: int = 1000, seed: int | None = None,
+                 verbose: bool = False) -> Tensor:
+        """Speak `text`. Returns a float32 tensor (1, n) at `self.sr` (24 kHz).
+
+        Same defaults as the reference `ChatterboxTTS.generate`. `seed` makes a run reproducible.
+        """
+        params = SamplingParams(temperature=temperature, cfg_weight=cfg_weight,
+                                repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p,
+                                max_new_tokens=max_new_tokens)
+        _check_exaggeration(exaggeration)
+        enc = self.tokenizer.prepare(text)  # validates: TypeError / ValueError with a clear message
+        if audio_prompt_path is not None:
+            self.prepare_conditionals(audio_prompt_path, exaggeration)
+        if self.conds is None:
+            raise RuntimeError("no voice: this checkpoint has no conds.pt; pass audio_prompt_path or call "
+                               "prepare_conditionals first")
+        gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        tokens = self.generate_tokens(enc.ids, self.conds.with_exaggeration(exaggeration), params, gen, verbose)
+        wav = self.tokens_to_wav(tokens, generator=gen)
+        return self._finish(wav)
+
+    def generate_tokens(self, text_ids: Tensor, conds: Conditionals, params: SamplingParams,
+                        generator: torch.Generator | None = None, verbose: bool = False) -> Tensor:
+        """T3 only: text ids (1, L) with SOT/EOT -> clean speech tokens (n,) long."""
+        t3, c = self.t3, conds.t3
+        dt = t3.speech_head.weight.dtype
+        cond = t3.cond_embeds(c.speaker_emb.to(dt), c.prompt_tokens,
+                              torch.tensor([c.exaggeration], device=self.device, dtype=dt))
+        x = t3.prefill_embeds(cond, text_ids.to(self.device), cfg_batch=params.use_cfg)
+        progress = _Progress(params.max_new_tokens) if verbose else None
+        raw = generate_tokens(t3, x, params, generator=generator, step_fn=self._step_fn, on_token=progress)
+        if progress is not None:
+            progress.close()
+        return clean_speech_tokens(raw)
+
+    def tokens_to_wav(self, speech_tokens: Tensor, conds: Conditionals | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """S3Gen only: speech tokens (n,) -> wav (1, samples) at 24 kHz (trim-faded, not watermarked)."""
+        g = (conds or self.conds).gen
+        if speech_tokens.numel() == 0:
+            logger.warning("T3 produced no valid speech tokens; returning silence")
+            return torch.zeros(1, 0)
+        return self.s3gen.inference(speech_tokens.to(self.device), g.prompt_token, g.prompt_feat, g.embedding,
+                                    generator=generator)
+
+    def _finish(self, wav: Tensor) -> Tensor:
+        wav = wav.float().cpu()
+        if self.watermarker is not None and wav.numel():
+            marked = self.watermarker.apply_watermark(wav.squeeze(0).numpy(), sample_rate=self.sr)
+            wav = torch.from_numpy(np.ascontiguousarray(marked, dtype=np.float32)).unsqueeze(0)
+        return wav
+
+
+def _check_exaggeration(x) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not np.isfinite(x) or x < 0:
+        raise ValueError(f"exaggeration must be a finite number >= 0, got {x!r}")

@@ -1,0 +1,262 @@
+"""The CFM velocity estimator of S3Gen: a 1-D U-Net with transformer blocks (`ConditionalDecoder`, spec §3.6).
+
+Input: x, mu, speaker vector (broadcast over time) and prompt-mel condition, 80 channels each (320 in all), plus
+the flow time t. Output: the velocity, 80 channels. One "down" stage (no actual downsampling), 12 mid stages and
+one "up" stage; each is a causal ResNet block followed by 4 transformer blocks (full attention, padding mask only).
+Convolutions are causal (left padding). Attribute names mirror the keys under `flow.decoder.estimator.`.
+
+Layout: internally everything runs time-major, (B, T, C), so LayerNorm over channels, the transformer blocks and
+the convolutions (as one im2col GEMM each) need no transposes. `forward` keeps the reference's (B, C, T) signature;
+the solver calls `forward_packed` on a preallocated (B, T, 320) input and precomputed time embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["EstimatorConfig", "ConditionalDecoder", "sinusoidal_time_embedding"]
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    n_feats: int = 80  # mel bins: x, mu, spks and cond are 80 channels each
+    in_channels: int = 320  # 4 * n_feats, concatenated as [x, mu, spks, cond]
+    channels: int = 256  # U-Net width (one level: channels=[256] in the reference)
+    n_blocks: int = 4  # transformer blocks per stage
+    num_mid_blocks: int = 12
+    num_heads: int = 8
+    head_dim: int = 64  # attention inner width 8 * 64 = 512
+    ff_mult: int = 4  # GELU feed-forward 256 -> 1024 -> 256
+    time_embed_dim: int = 1024  # 4 * channels
+    time_scale: float = 1000.0  # sinusoidal embedding of 1000 * t
+    mask_bias: float = -1.0e10  # additive attention bias on padded keys (reference value)
+
+
+def sinusoidal_time_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    """(B,) times -> (B, dim): [sin(scale t f_k), cos(scale t f_k)], f_k = exp(-k ln(1e4) / (dim/2 - 1))."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))  # (half,)
+    arg = scale * t.reshape(-1, 1) * freq.unsqueeze(0)  # (B, half), same operation order as the reference
+    return torch.cat((arg.sin(), arg.cos()), dim=-1)
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d (weight (O, I, k), stride 1) with k-1 zeros of left padding, applied to time-major (B, T, I) input.
+
+    Computed as im2col + one GEMM: the (O, I, k) weight viewed as (O, I*k) matches the unfolded (T, I, k) layout.
+    With k = 1 this is a plain pointwise Conv1d (used for `res_conv` and `final_proj`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size
+        w = self.weight.reshape(self.weight.shape[0], -1)  # (O, I*k)
+        if k == 1:
+            return F.linear(x, w, self.bias)
+        b, t, c = x.shape
+        cols = F.pad(x, (0, 0, k - 1, 0)).unfold(1, k, 1)  # (B, T, I, k) view
+        return F.linear(cols.reshape(b, t, c * k), w, self.bias)  # (B, T, O)
+
+
+def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
+
+
+class CausalBlock1D(nn.Module):
+    """Mish(LayerNorm_C(CausalConv1d_k3(x * m))) * m.
+
+    Keys `block.0` (conv) and `block.2` (LayerNorm) mirror the reference Sequential(conv, transpose, LN, transpose,
+    Mish); the transposes and the Mish hold no weights, hence the ModuleDict with only those two indices.
+    """
+
+    def __init__(self, dim: int, dim_out: int) -> None:
+        super().__init__()
+        self.block = nn.ModuleDict({"0": CausalConv1d(dim, dim_out, 3), "2": nn.LayerNorm(dim_out)})
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        y = F.mish(self.block["2"](self.block["0"](_apply_mask(x, mask))))
+        return _apply_mask(y, mask)
+
+
+class CausalResnetBlock1D(nn.Module):
+    """block2(block1(x) + Linear(Mish(t_emb))) + res_conv(x * m)."""
+
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_emb_dim, dim_out))
+        self.block1 = CausalBlock1D(dim, dim_out)
+        self.block2 = CausalBlock1D(dim_out, dim_out)
+        self.res_conv = CausalConv1d(dim, dim_out, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, t_emb: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x, mask) + self.mlp(t_emb).unsqueeze(1)  # (B, T, C) + (B, 1, C)
+        h = self.block2(h, mask)
+        return h + self.res_conv(_apply_mask(x, mask))
+
+
+class Attention(nn.Module):
+    """Self-attention, q/k/v without bias, SDPA with scale 1/sqrt(head_dim); `to_out.0` is the output Linear."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.to_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.to_k(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.to_v(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0 / math.sqrt(self.head_dim))
+        return self.to_out[0](y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class GELUProj(nn.Module):
+    """Linear followed by exact GELU (`ff.net.0.proj`)."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    """`net.0` GELU projection, `net.1` (dropout in the reference: identity), `net.2` output Linear."""
+
+    def __init__(self, dim: int, mult: int) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """x += Attn(LN1(x)); x += FF(LN3(x)) (diffusers layout, no cross-attention, so there is no norm2)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, ff_mult: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), attn_bias)
+        return x + self.ff(self.norm3(x))
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_2(SiLU(linear_1(emb)))."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def _transformer_stack(cfg: EstimatorConfig) -> nn.ModuleList:
+    return nn.ModuleList(
+        BasicTransformerBlock(cfg.channels, cfg.num_heads, cfg.head_dim, cfg.ff_mult) for _ in range(cfg.n_blocks)
+    )
+
+
+class ConditionalDecoder(nn.Module):
+    """The estimator. No buffers: safe to build on the meta device."""
+
+    def __init__(self, cfg: EstimatorConfig = EstimatorConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c, te = cfg.channels, cfg.time_embed_dim
+        self.time_mlp = TimestepEmbedding(cfg.in_channels, te)
+        # [resnet, transformer blocks, conv]: the reference's downsample/upsample are plain causal convs here.
+        self.down_blocks = nn.ModuleList(
+            [nn.ModuleList([CausalResnetBlock1D(cfg.in_channels, c, te), _transformer_stack(cfg), CausalConv1d(c, c, 3)])]
+        )
+        self.mid_blocks = nn.ModuleList(
+            nn.ModuleList([CausalResnetBlock1D(c, c, te), _transformer_stack(cfg)]) for _ in range(cfg.num_mid_blocks)
+        )
+        self.up_blocks = nn.ModuleList(
+            [nn.ModuleList([CausalResnetBlock1D(2 * c, c, te), _transformer_stack(cfg), CausalConv1d(c, c, 3)])]
+        )
+        self.final_block = CausalBlock1D(c, c)
+        self.final_proj = CausalConv1d(c, cfg.n_feats, 1)
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) flow times in [0, 1] -> (B, time_embed_dim)."""
+        emb = sinusoidal_time_embedding(t, self.cfg.in_channels, self.cfg.time_scale).to(t.dtype)
+        return self.time_mlp(emb)
+
+    def attn_bias(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, T, 1) 0/1 frame mask -> (B, 1, 1, T) additive key bias (0 kept, -1e10 padded); None stays None."""
+        if mask is None:
+            return None
+        return ((1.0 - mask) * self.cfg.mask_bias).transpose(1, 2).unsqueeze(1)
+
+    def forward_packed(
+        self,
+        h: torch.Tensor,
+        t_emb: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """h (B, T, 320) = [x, mu, spks, cond] time-major; t_emb (B, 1024); mask (B, T, 1) or None -> (B, T, 80).
+
+        `attn_bias` is `self.attn_bias(mask)`; pass it to avoid rebuilding it on every call.
+        """
+        if mask is not None and attn_bias is None:
+            attn_bias = self.attn_bias(mask)
+        (resnet, blocks, conv), = self.down_blocks
+        x = resnet(h, mask, t_emb)
+        for block in blocks:
+            x = block(x, attn_bias)
+        skip = x
+        x = conv(_apply_mask(x, mask))
+
+        for resnet, blocks in self.mid_blocks:
+            x = resnet(x, mask, t_emb)
+            for block in blocks:
+                x = block(x, attn_bias)
+
+        (resnet, blocks, conv), = self.up_blocks
+        x = resnet(torch.cat([x, skip], dim=-1), mask, t_emb)  # (B, T, 2C): [x, skip] like the reference
+        for block in blocks:
+            x = block(x, attn_bias)
+        x = conv(_apply_mask(x, mask))
+        x = self.final_block(x, mask)
+        return _apply_mask(self.final_proj(_apply_mask(x, mask)), mask)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+    ) -> torch.Tensor:
+        """Reference signature: x, mu, cond (B, 80, T); mask (B, 1, T) or None; t (B,); spks (B, 80) -> (B, 80, T)."""
+        tlen = x.shape[-1]
+        h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, tlen), cond], dim=1).transpose(1, 2)  # (B, T, 320)
+        m = None if mask is None else mask.transpose(1, 2)  # (B, T, 1)
+        return self.forward_packed(h, self.embed_time(t), m).transpose(1, 2)
