@@ -30,8 +30,12 @@ test: venv oracle
 test-fast: venv
 	$(VENV)/bin/python -m pytest tests -q -m "not slow"
 
+# Random-weight checkpoint: the wav is noise, not speech (no hub access on our machines). The Perth watermark
+# needs the `watermark` extra (resemble-perth + torchaudio), which does not install beside the CPU torch here.
 demo: venv oracle
-	$(VENV)/bin/python examples/demo.py --ckpt-dir "$$($(PY) tests/reference/oracle_paths.py)"
+	$(VENV)/bin/chatterbox-fast speak "Hello from chatterbox-fast. This checkpoint has random weights." \
+		-o out/demo.wav --ckpt-dir "$$($(PY) tests/reference/oracle_paths.py)" --device cpu \
+		--no-watermark --seed 0 --max-new-tokens 100 --verbose
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,171 @@
+"""S3Gen flow speed (speech tokens + prompt -> mel): the reference vs ours, same weights, same run.
+
+    .venv/bin/python benchmarks/s3gen.py [--tokens 125] [--device cpu|cuda] [--threads N] [--iters 3] [--out PATH]
+
+WEIGHTS ARE RANDOM (the oracle's checkpoint, official shapes) and the prompt is synthetic: 250 prompt tokens and
+500 prompt frames (a 10 s prompt) + 125 generated tokens (5 s) -> T = 750 mel frames, 10 Euler steps of the CFM
+estimator on a CFG batch of 2. Speed does not depend on the values.
+
+Reported: flow wall time (min / median over --iters after --warmup), time per estimator call, the flow's FLOPs
+(counted on our implementation: every GEMM / conv via torch's FlopCounterMode, plus 4*B*H*Tq*Tk*D per attention
+call), the achieved GFLOP/s of both implementations against the measured fp32 GEMM throughput of the machine
+(benchmarks/common.py), and the speed-up ratio.
+- reference: benchmarks/_reference_s3gen.py in the oracle venv (subprocess, JSON on stdout).
+- ours: in process, `S3GenFlow.inference` eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests" / "reference"))
+
+import common  # noqa: E402
+import oracle_paths  # noqa: E402
+from _reference_s3gen import prompt_inputs  # noqa: E402
+from chatterbox_fast.models.s3gen import FLOW_KEYMAP, S3GenFlow  # noqa: E402
+from chatterbox_fast.weights import load_strict, read_safetensors  # noqa: E402
+
+NOTE = "weights are random (oracle checkpoint, official shapes) and the prompt is synthetic: speed is unaffected"
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn(): GEMMs/convs from FlopCounterMode (its SDPA entries dropped) + 4*B*H*Tq*Tk*D per SDPA call."""
+    attn = [0]
+    orig = F.scaled_dot_product_attention
+
+    def counting(q, k, v, *args, **kwargs):
+        b, h, tq, d = q.shape
+        attn[0] += 2 * b * h * tq * k.shape[-2] * (d + v.shape[-1])
+        return orig(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = counting
+    try:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+    finally:
+        F.scaled_dot_product_attention = orig
+    counts = fc.get_flop_counts().get("Global", {})
+    return int(sum(v for op, v in counts.items() if "scaled_dot_product" not in str(op)) + attn[0])
+
+
+def run_ours(a, ckpt: Path) -> dict:
+    sync = a.device.startswith("cuda")
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        flow = S3GenFlow()
+    load_strict(flow, read_safetensors(ckpt / "s3gen.safetensors"), FLOW_KEYMAP, name="s3gen.safetensors")
+    flow = flow.to(a.device).eval()
+    load_s = time.perf_counter() - t0
+    x = {k: v.to(a.device) for k, v in prompt_inputs(a.tokens, a.prompt_tokens, a.prompt_frames).items()}
+    gen = torch.Generator(device=a.device).manual_seed(0)
+
+    def call():
+        return flow.inference(x["speech_tokens"], x["prompt_token"], x["prompt_feat"], x["embedding"], generator=gen)
+
+    flops = count_flops(call)
+    est = flow.decoder.estimator
+    orig = est.forward_packed
+    est_ms: list[float] = []
+
+    def timed(*args, **kwargs):
+        common._sync(sync)
+        t = time.perf_counter()
+        out = orig(*args, **kwargs)
+        common._sync(sync)
+        est_ms.append((time.perf_counter() - t) * 1e3)
+        return out
+
+    est.forward_packed = timed
+    try:
+        res = common.timeit(call, warmup=a.warmup, iters=a.iters, sync=sync)
+    finally:
+        del est.forward_packed
+    calls = est_ms[-10 * a.iters:]
+    return {
+        "load_s": load_s,
+        "flow_ms": res,
+        "estimator_call_ms": {"min_ms": min(calls), "median_ms": statistics.median(calls), "calls": len(calls)},
+        "mel_shape": list(call().shape),
+        "flops": flops,
+    }
+
+
+def run_reference(a, ckpt: Path) -> dict:
+    cmd = [
+        str(oracle_paths.venv_python()), str(HERE / "_reference_s3gen.py"), "--ckpt", str(ckpt),
+        "--tokens", str(a.tokens), "--prompt-tokens", str(a.prompt_tokens), "--prompt-frames", str(a.prompt_frames),
+        "--warmup", str(a.warmup), "--iters", str(a.iters), "--threads", str(torch.get_num_threads()),
+        "--device", a.device,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"reference benchmark failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=125)
+    ap.add_argument("--prompt-tokens", type=int, default=250)
+    ap.add_argument("--prompt-frames", type=int, default=500)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds for the reference subprocess")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
+    ckpt = oracle_paths.ckpt_dir()
+    if not oracle_paths.is_built(ckpt):
+        sys.exit(f"oracle checkpoint missing: {ckpt} (run `make oracle`)")
+
+    gemm = common.measure_gemm_gflops(device=a.device)
+    ours = run_ours(a, ckpt)
+    ref = None if a.no_reference else run_reference(a, ckpt)
+    flops = ours["flops"]
+    result = {
+        "note": NOTE,
+        "machine": common.machine_info(),
+        "device": a.device,
+        "shape": {"tokens": a.tokens, "prompt_tokens": a.prompt_tokens, "prompt_frames": a.prompt_frames,
+                  "mel_frames_total": 2 * (a.tokens + a.prompt_tokens), "n_timesteps": 10, "cfg_batch": 2},
+        "gemm_fp32_gflops": gemm,
+        "flow_gflop": flops / 1e9,
+        "ours": {**ours, "achieved_gflops": flops / (ours["flow_ms"]["min_ms"] * 1e-3) / 1e9},
+    }
+    result["ours"]["fraction_of_gemm"] = result["ours"]["achieved_gflops"] / gemm
+    if ref is not None:
+        ref["achieved_gflops"] = flops / (ref["flow_ms"]["min_ms"] * 1e-3) / 1e9
+        ref["fraction_of_gemm"] = ref["achieved_gflops"] / gemm
+        result["reference"] = ref
+        result["speedup_flow_min"] = ref["flow_ms"]["min_ms"] / ours["flow_ms"]["min_ms"]
+        result["speedup_estimator_median"] = (
+            ref["estimator_call_ms"]["median_ms"] / ours["estimator_call_ms"]["median_ms"]
+        )
+    out = a.out or HERE / "results" / f"s3gen-{a.device.replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    common.write_json(out, result)
+    print(json.dumps(result, indent=2, default=str))
+    print(f"written: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
