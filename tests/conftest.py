@@ -51,3 +51,29 @@ def oracle_fixture():
         return torch.load(path / f"{name}.pt", weights_only=True)
 
     return load
+
+
+_STATES: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def oracle_state(oracle_ckpt):
+    """oracle_state(file_name) -> the tensors of one checkpoint file, read once per session."""
+    from chatterbox_fast.weights import read_safetensors
+
+    def load(name: str) -> dict:
+        if name not in _STATES:
+            _STATES[name] = read_safetensors(oracle_ckpt / name)
+        return _STATES[name]
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one thread: small sequential ops (LSTM steps, short convs) on a busy 2-core machine are
+    dominated by OpenMP barrier spin-waits with 2 threads (measured 10-50x slower there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

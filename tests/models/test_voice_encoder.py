@@ -28,18 +28,12 @@ ATOL = 1e-5
 CASES = sorted(CLIPS) + ["array_short_0p1s", "array_silence_1s"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The LSTM runs 480 tiny steps; on a busy 2-core box OpenMP barriers make 2 threads ~50x slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def ve_state(oracle_ckpt):
-    return read_safetensors(oracle_ckpt / "ve.safetensors")
+def ve_state(oracle_state):
+    return oracle_state("ve.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -35,17 +35,12 @@ ENC_ONLY = ["p05_n1000"]
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def state(oracle_ckpt):
-    return read_safetensors(oracle_ckpt / "s3gen.safetensors")
+def state(oracle_state):
+    return oracle_state("s3gen.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,12 @@ DUMP = "s3gen_flow"
 WAV_TOL = 1e-6  # measured 9.9e-8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_flow.py: avoids OpenMP spin-waiting on a loaded 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def state(oracle_ckpt):
-    return read_safetensors(oracle_ckpt / "s3gen.safetensors")
+def state(oracle_state):
+    return oracle_state("s3gen.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -59,8 +59,8 @@ def _assert_tokens_equal(model, mel: torch.Tensor, ours: torch.Tensor, ref: torc
 
 
 @pytest.fixture(scope="module")
-def s3gen_state(oracle_ckpt):
-    return read_safetensors(oracle_ckpt / "s3gen.safetensors")
+def s3gen_state(oracle_state):
+    return oracle_state("s3gen.safetensors")
 
 
 @pytest.fixture(scope="module")

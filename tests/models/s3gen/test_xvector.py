@@ -32,8 +32,8 @@ def _spec_keys(prefix: str) -> dict[str, tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def s3gen_state(oracle_ckpt):
-    return read_safetensors(oracle_ckpt / "s3gen.safetensors")
+def s3gen_state(oracle_state):
+    return oracle_state("s3gen.safetensors")
 
 
 @pytest.fixture(scope="module")
