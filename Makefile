@@ -11,11 +11,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv oracle test test-fast demo clean
 
-$(VENV)/.installed: pyproject.toml
+# The test venv also gets the `watermark` extra (resemble-perth), so the watermark tests run for real;
+# scripts/install_test_extras.sh installs `.[test,watermark]` and works around the CUDA-only torchaudio wheel.
+$(VENV)/.installed: pyproject.toml scripts/install_test_extras.sh
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install -q -e ".[test]"
+	bash scripts/install_test_extras.sh $(VENV)
 	touch $@
 
 venv: $(VENV)/.installed
@@ -30,8 +32,8 @@ test: venv oracle
 test-fast: venv
 	$(VENV)/bin/python -m pytest tests -q -m "not slow"
 
-# Random-weight checkpoint: the wav is noise, not speech (no hub access on our machines). The Perth watermark
-# needs the `watermark` extra (resemble-perth + torchaudio), which does not install beside the CPU torch here.
+# Random-weight checkpoint: the wav is noise, not speech (no hub access on our machines). Without --no-watermark the
+# Perth watermark is applied (the `watermark` extra, installed in the venv by scripts/install_test_extras.sh).
 demo: venv oracle
 	$(VENV)/bin/chatterbox-fast speak "Hello from chatterbox-fast. This checkpoint has random weights." \
 		-o out/demo.wav --ckpt-dir "$$($(PY) tests/reference/oracle_paths.py)" --device cpu \

@@ -43,17 +43,41 @@ def _resolve_device(device) -> torch.device:
 
 
 def _load_watermarker():
+    """The reference's watermarker, `perth.PerthImplicitWatermarker()` (weights ship inside resemble-perth).
+
+    perth and what it imports (torchaudio, librosa, pkg_resources) are loaded here, only when enable_watermark=True.
+    Its expected pkg_resources deprecation warning is silenced and its "loaded PerthNet" print goes to the log.
+    """
+    import contextlib
+    import io
+
     try:
-        import perth  # resemble-perth, the `watermark` extra
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+            import perth  # resemble-perth, the `watermark` extra
     except Exception as e:  # ImportError, or perth's own failing imports (pkg_resources, torchaudio)
         raise ImportError(
             "enable_watermark=True needs the Perth watermarker: pip install 'chatterbox-fast[watermark]' "
             f"(could not import resemble-perth: {e}). Or pass enable_watermark=False."
         ) from e
-    if getattr(perth, "PerthImplicitWatermarker", None) is None:
-        raise ImportError("resemble-perth imported but its watermarker is unavailable (setuptools >= 81 removed "
-                          "pkg_resources, which it needs): pip install 'setuptools<81'")
-    return perth.PerthImplicitWatermarker()
+    if getattr(perth, "PerthImplicitWatermarker", None) is None:  # perth hides why: import it again to see
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+                from perth.perth_net.perth_net_implicit.perth_watermarker import PerthImplicitWatermarker  # noqa
+            cause = "unknown cause"
+        except Exception as e:  # noqa: BLE001 - reported, not handled
+            cause = f"{type(e).__name__}: {e}"
+        raise ImportError(
+            f"resemble-perth imported but its watermarker did not ({cause}). It needs torchaudio, librosa, pyyaml "
+            "and pkg_resources, which setuptools >= 81 removed: pip install 'chatterbox-fast[watermark]' "
+            "(that pins 'setuptools<81'). Or pass enable_watermark=False.")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        watermarker = perth.PerthImplicitWatermarker()
+    if out.getvalue().strip():
+        logger.debug("perth: %s", out.getvalue().strip())
+    return watermarker
 
 
 class _Progress:
@@ -121,13 +145,15 @@ class OptimizedChatterboxTTS:
     def _compile_decode(self):
         try:
             from .generation.compile import compile_decode_step
-        except ImportError:
-            warnings.warn("enable_compilation=True: compiled decoding is not available in this build; "
-                          "running eager", stacklevel=3)
+
+            return compile_decode_step(self.t3)
+        except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager, as the guide promises
+            warnings.warn(f"enable_compilation=True: could not compile the decode step ({type(e).__name__}: {e}); "
+                          "using eager", stacklevel=3)
             return None
-        return compile_decode_step(self.t3)
 
     # ---- voices -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def prepare_conditionals(self, wav, exaggeration: float = 0.5, sample_rate: int | None = None) -> Conditionals:
         """Clone a voice from reference audio (a path, or an array with `sample_rate`); it becomes the current
         voice and is returned (save it with `.save(path)`, reuse it with `set_voice`)."""
@@ -171,6 +197,7 @@ class OptimizedChatterboxTTS:
         wav = self.tokens_to_wav(tokens, generator=gen)
         return self._finish(wav)
 
+    @torch.inference_mode()
     def generate_tokens(self, text_ids: Tensor, conds: Conditionals, params: SamplingParams,
                         generator: torch.Generator | None = None, verbose: bool = False) -> Tensor:
         """T3 only: text ids (1, L) with SOT/EOT -> clean speech tokens (n,) long."""
@@ -185,6 +212,7 @@ class OptimizedChatterboxTTS:
             progress.close()
         return clean_speech_tokens(raw)
 
+    @torch.inference_mode()
     def tokens_to_wav(self, speech_tokens: Tensor, conds: Conditionals | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
         """S3Gen only: speech tokens (n,) -> wav (1, samples) at 24 kHz (trim-faded, not watermarked)."""

@@ -83,6 +83,8 @@ def load_components(ckpt_dir: Path, device: torch.device, t3_dtype: torch.dtype 
     campplus = load_campplus(s3_state).to(device)
     ve = build_voice_encoder(read_safetensors(ckpt_dir / "ve.safetensors")).to(device)
     del s3_state
+    for m in (s3gen, tok, campplus, ve):  # inference only: no autograd graphs, ever
+        m.eval().requires_grad_(False)
 
     conds = None
     if (ckpt_dir / "conds.pt").is_file():

@@ -75,6 +75,14 @@ def _logits_step(model: T3, token: Tensor, state: DecodeState, noise: Tensor, pa
     return nxt
 
 
+def _isolated() -> dict[str, Any]:
+    """`isolate_recompiles=True` where torch.compile has it (2.13): all compiles of one function share one cache
+    and one recompile limit (8) otherwise, so two CompiledSteps (modes, models) would use up each other's budget."""
+    import inspect
+
+    return {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+
+
 @contextlib.contextmanager
 def _freezing_flag(value: bool):
     """Set torch._inductor.config.freezing, restoring it after (a plain attribute swap: ~1 us, config.patch ~40 us)."""
@@ -110,7 +118,7 @@ class CompiledStep:
         if mode != "eager":
             target = step_logits if scope == "logits" else decode_one_token
             self._compiled = torch.compile(target, fullgraph=True, dynamic=dynamic,
-                                           options=compile_options(mode, freezing, options))
+                                           options=compile_options(mode, freezing, options), **_isolated())
 
     @property
     def is_compiled(self) -> bool:
