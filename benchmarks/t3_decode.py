@@ -16,17 +16,18 @@ Reported per implementation: prefill ms (one call; the same eager prefill for al
 "forward": the model part alone (the reference's backend call; our step_logits / its compiled graph), achieved GB/s
 = bytes of T3 linear weights read per token (every nn.Linear of the 30 layers + speech_head, counted from the model)
 / ms per token, x floor = ms per token / (those bytes / the probe's bandwidth), and the speed-up over the reference.
-Modes (ours): eager; compiled = inductor max-autotune (C++ micro-GEMM) + freezing, the default of
-compile_decode_step; inductor = default mode, no freezing; inductor-freezing = default mode + freezing;
-inductor-autotune = max-autotune without freezing.
+Modes (ours): eager; compiled = compile_decode_step's defaults (inductor default mode, no freezing, dynamic kv_len);
+autotune-freezing = max-autotune (C++ micro-GEMM) + freezing; freezing = default mode + freezing; autotune =
+max-autotune without freezing; autotune-freezing-static = autotune-freezing with dynamic=None (kv_len specialised
+on its first value, then automatic dynamic: one more graph, one more frozen copy of the weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -53,13 +54,14 @@ from chatterbox_fast.generation.sampling import SamplingParams, exponential_nois
 from chatterbox_fast.models.t3 import T3, T3_KEYMAP  # noqa: E402
 from chatterbox_fast.weights import load_strict, read_safetensors  # noqa: E402
 
-# mode name -> (torch.compile mode or "eager", freezing)
+# mode name -> (torch.compile mode or "eager", freezing, dynamic)
 MODES = {
-    "eager": ("eager", False),
-    "compiled": ("max-autotune-no-cudagraphs", True),
-    "inductor": ("default", False),
-    "inductor-freezing": ("default", True),
-    "inductor-autotune": ("max-autotune-no-cudagraphs", False),
+    "eager": ("eager", False, True),
+    "compiled": ("default", False, True),  # compile_decode_step's defaults
+    "autotune-freezing": ("max-autotune-no-cudagraphs", True, True),
+    "autotune-freezing-static": ("max-autotune-no-cudagraphs", True, None),
+    "freezing": ("default", True, True),
+    "autotune": ("max-autotune-no-cudagraphs", False, True),
 }
 PARAMS = SamplingParams(temperature=0.8, cfg_weight=0.5, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
 NOTE = ("weights are random (oracle checkpoint, official shapes): speed is unaffected, the tokens are meaningless; "
@@ -153,10 +155,11 @@ class Ours:
 
     def __init__(self, model: T3, name: str, S: int, args):
         self.model, self.name, self.S = model, name, S
-        self.mode, self.freezing = MODES[name]
-        self.step = CompiledStep(model, self.mode, self.freezing)
-        self.state = new_state(model, S, 2, "cpu")
-        self.tok = torch.tensor([100])
+        self.mode, self.freezing, dynamic = MODES[name]
+        self.step = CompiledStep(model, self.mode, self.freezing, dynamic=dynamic)
+        with torch.inference_mode():  # as in generate_tokens (the compiled step guards on it)
+            self.state = new_state(model, S, 2, "cpu")
+            self.tok = torch.tensor([100])
         self.gen = torch.Generator().manual_seed(0)
         self.compile_s = None
 
@@ -335,7 +338,8 @@ def main(argv=None) -> None:
         if o.compile_s is not None and not o.step.is_compiled:
             impls[name] = {"error": f"compile failed, not timed: {o.step.fallback_reason}"}
             continue
-        impls[name] = {"impl": f"ours ({name}: mode={o.mode}, freezing={o.freezing})", "compile_s": o.compile_s}
+        impls[name] = {"impl": f"ours ({name}: mode={o.mode}, freezing={o.freezing})", "compile_s": o.compile_s,
+                       "rss_gb_after_compile": rss_gb()}
         ours[name] = o
         if o.compile_s is not None:
             print(f"  compiled in {o.compile_s:.0f} s; process RSS {rss_gb():.1f} GB", flush=True)

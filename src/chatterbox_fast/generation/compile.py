@@ -4,23 +4,27 @@
 `generate_tokens(step_fn=...)`. Two scopes:
 - "logits" (default): compile `step_logits` (speech embedding, every layer over the static KV cache, final norm,
   speech head); the logits processors and the draw run eagerly. Nothing user-tunable is in the graph, and the graph
-  mutates no inputs (only the KV-cache buffers), which is what CUDA graphs want.
+  mutates no inputs (only the KV-cache buffers), which should suit CUDA graphs (not tried: no GPU yet).
 - "step": compile the whole `decode_one_token` (processors, draw, state update too). One graph as well (no graph
   break), but dynamo guards on the `SamplingParams` floats (`if penalty == 1.0:` etc.), so every distinct sampling
   setting compiles again, and the in-place `+= 1` / `scatter_` on the `DecodeState` tensors become input mutations.
 
-Recompilation (torch 2.13, measured on the tiny config, see tests/generation/test_compile.py):
-- `kv_len` is a Python int that changes every `KV_BUCKET` positions: the first call specialises on its value, the
-  second bucket recompiles with kv_len symbolic (automatic dynamic), and the bucket equal to the full cache length
-  compiles once more (the full slice is contiguous: inductor guards `n_heads * kv_len != n_heads * max_seq`). So 3
-  graphs per cache size; `warm_up` compiles all three before the first generation.
-- `setup_caches` with a larger max_seq reallocates the caches and the RoPE table: new shapes, new graphs. Allocate the
-  caches once, at the largest size the engine serves, before compiling.
+Recompilation and memory (torch 2.13, measured on the tiny config and the full model, see BENCHMARKS.md):
+- `kv_len` is a Python int that changes every `KV_BUCKET` positions. With dynamic=False/None dynamo specialises the
+  first call on its value and recompiles once with kv_len symbolic; the bucket equal to the full cache length gets
+  a graph of its own either way (that slice is contiguous: inductor guards `n_heads * kv_len != n_heads * max_seq`).
+  Default dynamic=True: 2 graphs per cache size (else 3). `warm_up` compiles them all before the first generation.
+- With freezing, every graph holds its own packed copy of the weights (full T3: 2 GB each, so 2 graphs = +4 GB), so
+  recompiles cost memory as well as minutes. What triggers them: a larger `setup_caches` (new cache / RoPE shapes;
+  allocate the caches once, at the largest size served, before compiling), tensors made outside inference mode
+  (dispatch-key guards: refused with a ValueError), and calling the compiled function without the freezing flag.
+- Dynamo guards on the global inductor freezing flag, which is patched in around every call (`_config`).
 
-On CPU the speed comes from inductor *freezing* (weights become constants, prepacked into a blocked layout) together
-with max-autotune's C++ micro-GEMM: the batch-2 GEMVs then stream the weights near memory bandwidth. Freezing keeps a
-second, packed copy of the weights and bakes in their values: a step is bound to one model (checked on every call)
-whose weights must not change after compilation.
+What it buys on CPU (BENCHMARKS.md, 2-vCPU Xeon, fp32): decode is bound by reading the 2.05 GB of linear weights
+per token; eager is already within 1.3-1.5x of that floor and the compiled step gains 8-13% (fused norms / RoPE /
+SwiGLU around the GEMMs, fewer ops), reaching 1.2-1.4x of the floor. max-autotune's C++ micro-GEMM needs freezing
+(weights as constants, prepacked); on this machine it is no faster than plain inductor. Freezing bakes the weight
+values in: a step is bound to one model (checked on every call) whose weights must not change after compilation.
 
 Compile options are passed to torch.compile (`options=`), except freezing, which dynamo reads from the global
 inductor config while tracing: it is patched in for the duration of each call (`CompiledStep._config`), never set
@@ -105,8 +109,8 @@ class CompiledStep:
     not half-updated when the fall-back reruns the step.
     """
 
-    def __init__(self, model: T3, mode: str = "max-autotune-no-cudagraphs", freezing: bool = True,
-                 scope: str = "logits", dynamic: bool | None = None, options: Mapping[str, Any] | None = None):
+    def __init__(self, model: T3, mode: str = "default", freezing: bool = False,
+                 scope: str = "logits", dynamic: bool | None = True, options: Mapping[str, Any] | None = None):
         if not isinstance(model, T3):
             raise TypeError(f"model must be a T3, got {type(model).__name__}")
         if scope not in SCOPES:
@@ -136,6 +140,10 @@ class CompiledStep:
             raise ValueError("this compiled step belongs to another T3 instance (its frozen weights are baked in)")
         fn = self._compiled
         if fn is not None:
+            if not (token.is_inference() and state.input_pos.is_inference()):
+                raise ValueError("call the compiled step under torch.inference_mode() with tensors made there (as "
+                                 "generate_tokens does): dynamo guards on it and would compile the graphs again "
+                                 "(with freezing, each graph keeps its own copy of the weights)")
             try:
                 with self._config():
                     return self._run_compiled(fn, model, token, state, noise, params, kv_len)
@@ -164,8 +172,9 @@ class CompiledStep:
 
     @torch.inference_mode()
     def warm_up(self, batch: int, params: SamplingParams = SamplingParams()) -> None:
-        """Compile every graph a generation can need with the current caches: kv_len = first bucket, second bucket
-        (symbolic kv_len) and the full cache length. Call after `model.setup_caches(batch, max_seq)`.
+        """Compile every graph a generation can need with the current caches (kv_len = first bucket, second bucket,
+        full cache length), under inference mode like `generate_tokens`. Call after `model.setup_caches(batch,
+        max_seq)`.
 
         Writes garbage into cache slots that every generation overwrites before reading (prefill, then one slot per
         step at its own position), so it does not change any later output.
@@ -183,14 +192,16 @@ class CompiledStep:
             self(model, torch.zeros(1, dtype=torch.long, device=device), state, noise, params, kv_len)
 
 
-def compile_decode_step(model: T3, mode: str = "max-autotune-no-cudagraphs", freezing: bool = True,
-                        scope: str = "logits", dynamic: bool | None = None,
+def compile_decode_step(model: T3, mode: str = "default", freezing: bool = False,
+                        scope: str = "logits", dynamic: bool | None = True,
                         options: Mapping[str, Any] | None = None) -> CompiledStep:
     """A compiled decode step bound to `model`, for `generate_tokens(step_fn=...)`.
 
-    mode: a torch.compile mode name, or "eager" (the plain `decode_one_token` behind the same interface). On CPU use
-    "max-autotune-no-cudagraphs" with freezing=True (the C++ micro-GEMM over prepacked weights); on GPU
-    "reduce-overhead" / "max-autotune" add CUDA graphs. scope: "logits" or "step" (module docstring). options: extra
+    mode: a torch.compile mode name, or "eager" (the plain `decode_one_token` behind the same interface). The CPU
+    default is plain inductor without freezing: as fast as "max-autotune-no-cudagraphs" + freezing=True (the C++
+    micro-GEMM over prepacked weights) on the machine measured, at half the compile time and without the extra
+    weight copies (BENCHMARKS.md); try the latter on a machine with more memory bandwidth. On GPU "reduce-overhead"
+    / "max-autotune" add CUDA graphs (not measured yet). scope: "logits" or "step" (module docstring). options: extra
     inductor options (`compile_options`). Compilation is lazy (first call) unless `warm_up` is called.
     """
     return CompiledStep(model, mode, freezing, scope, dynamic, options)
