@@ -101,7 +101,7 @@ class OptimizedChatterboxTTS:
     sr = S3GEN_SR
 
     def __init__(self, parts: Components, device: torch.device, *, enable_compilation: bool = False,
-                 use_mixed_precision: bool = False, enable_watermark: bool = True):
+                 use_mixed_precision: bool = False, enable_watermark: bool = True, cuda_graphs: bool = True):
         self.t3 = parts.t3
         self.s3gen = parts.s3gen
         self.conditioner = parts.conditioner
@@ -111,25 +111,37 @@ class OptimizedChatterboxTTS:
         self.enable_compilation = enable_compilation
         self.use_mixed_precision = use_mixed_precision
         self.watermarker = _load_watermarker() if enable_watermark else None
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._step_fn = None
-        if enable_compilation:
+        if self.cuda_graphs:
+            self._step_fn = self._graph_decode(enable_compilation)
+        elif enable_compilation:
             self._step_fn = self._compile_decode()
+        if device.type == "cuda" and (self.cuda_graphs or use_mixed_precision):
+            from .generation.cuda_graph import graph_estimator
+
+            graph_estimator(self.s3gen, torch.bfloat16 if use_mixed_precision else None, graphs=self.cuda_graphs)
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
                         enable_watermark: bool = True, repo_id: str = REPO_ID, revision: str | None = None,
-                        cache_dir: str | None = None) -> "OptimizedChatterboxTTS":
+                        cache_dir: str | None = None, quantize: str | None = None) -> "OptimizedChatterboxTTS":
         """Download (or reuse the Hugging Face cache of) ResembleAI/chatterbox and load it."""
         ckpt = download_checkpoint(repo_id, revision, cache_dir)
         return cls.from_local(ckpt, device=device, enable_compilation=enable_compilation,
-                              use_mixed_precision=use_mixed_precision, enable_watermark=enable_watermark)
+                              use_mixed_precision=use_mixed_precision, enable_watermark=enable_watermark,
+                              quantize=quantize)
 
     @classmethod
     def from_local(cls, ckpt_dir, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
-                   enable_watermark: bool = True) -> "OptimizedChatterboxTTS":
+                   enable_watermark: bool = True, quantize: str | None = None) -> "OptimizedChatterboxTTS":
         """Load from a folder holding ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json
-        and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads."""
+        and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads.
+        quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md)."""
+        from .quantize import check_quantize_mode, quantize_t3
+
+        check_quantize_mode(quantize)
         dev = _resolve_device(device)
         t3_dtype = torch.float32
         if use_mixed_precision:
@@ -139,8 +151,26 @@ class OptimizedChatterboxTTS:
                 warnings.warn(f"use_mixed_precision=True has no effect on {dev.type}: bf16 is used on CUDA only "
                               "(CPUs without native bf16 run it slower than fp32)", stacklevel=2)
         parts = load_components(Path(ckpt_dir), dev, t3_dtype)
+        if quantize is not None:
+            quantize_t3(parts.t3, quantize)
         return cls(parts, dev, enable_compilation=enable_compilation, use_mixed_precision=use_mixed_precision,
                    enable_watermark=enable_watermark)
+
+    def _graph_decode(self, compiled: bool):
+        """CUDA: the decode step replayed from CUDA graphs; with compilation, its logits part is an inductor graph
+        (fused kernels) captured inside them. Numbers are those of the eager step (same kernels) or of inductor."""
+        from .generation.cuda_graph import CUDAGraphDecodeStep
+
+        logits_fn = None
+        if compiled:
+            try:
+                from .generation.decode import step_logits
+
+                logits_fn = torch.compile(step_logits, fullgraph=True, dynamic=True)
+            except Exception as e:  # noqa: BLE001 - as _compile_decode
+                warnings.warn(f"enable_compilation=True: could not compile the decode step ({type(e).__name__}: "
+                              f"{e}); using eager kernels in CUDA graphs", stacklevel=3)
+        return CUDAGraphDecodeStep(self.t3, logits_fn)
 
     def _compile_decode(self):
         try:

@@ -30,6 +30,12 @@ class DecodeState:
     batch: int  # 2 with CFG, else 1
 
 
+def cache_len(n: int) -> int:
+    """Cache length allocated for n positions: rounded up to a multiple of 2 * KV_BUCKET, so that requests of
+    similar length share one cache (and its compiled graphs / CUDA graphs) instead of reallocating."""
+    return -(-n // (2 * KV_BUCKET)) * (2 * KV_BUCKET)
+
+
 def kv_bucket(n_filled: int, max_seq: int) -> int:
     """Static attention length covering positions < n_filled."""
     return min(max_seq, -(-n_filled // KV_BUCKET) * KV_BUCKET)
@@ -97,7 +103,7 @@ def generate_tokens(
     B, S, _ = prefill_x.shape
     n_max = params.max_new_tokens
     if S + n_max > model.max_seq or B != model.max_batch:
-        model.setup_caches(B, S + n_max)
+        model.setup_caches(B, cache_len(S + n_max))
     if eos_check_every is None:
         eos_check_every = 1 if device.type == "cpu" else 16
     step = step_fn or decode_one_token
