@@ -50,7 +50,7 @@ EOF
 CKPT="${CKPT:-/tmp/ckpt}"
 if [ ! -f "$CKPT/DONE" ]; then
   log "building the random-weight checkpoint in $CKPT (reference modules, fixed seeds)"
-  timeout 400 "$REFPY" - "$CKPT" <<'EOF' > "$OUT/build.log" 2>&1
+  timeout 240 "$REFPY" - "$CKPT" <<'EOF' > "$OUT/build.log" 2>&1
 import sys, time
 from pathlib import Path
 import torch
@@ -81,7 +81,7 @@ EOF
 
 if [ "$DEVICE" = "cuda" ]; then
   log "CUDA tests"
-  timeout 240 $PY -m pytest -q -p no:cacheprovider tests/generation/test_cuda_graph.py tests/generation/test_decode.py \
+  timeout "${TESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/generation/test_cuda_graph.py tests/generation/test_decode.py \
     2>&1 | tail -15 | tee "$OUT/tests.log"
 fi
 

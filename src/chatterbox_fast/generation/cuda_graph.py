@@ -183,7 +183,7 @@ class GraphedEstimator(nn.Module):
     def _run(self, h: Tensor, t_emb: Tensor, mask: Tensor | None, attn_bias: Tensor | None) -> Tensor:
         if self.autocast_dtype is None:
             return self.inner.forward_packed(h, t_emb, mask, attn_bias)
-        with torch.autocast("cuda", dtype=self.autocast_dtype):
+        with torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False):  # graph-capture safe
             return self.inner.forward_packed(h, t_emb, mask, attn_bias).float()
 
     def forward_packed(self, h: Tensor, t_emb: Tensor, mask: Tensor | None = None,
