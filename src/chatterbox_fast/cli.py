@@ -35,6 +35,8 @@ def _speak_parser(sub) -> None:
     p.add_argument("--no-watermark", action="store_true", help="do not apply the Perth watermark")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--bf16", action="store_true", help="mixed precision (CUDA)")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for T3's linears (faster decode; drift "
+                                                        "vs fp32 in BENCHMARKS.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="progress and timings")
 
 
@@ -45,7 +47,7 @@ def _speak(args) -> int:
 
     text = sys.stdin.read() if args.text == "-" else args.text
     kw = dict(device=args.device, enable_compilation=args.compile, use_mixed_precision=args.bf16,
-              enable_watermark=not args.no_watermark)
+              enable_watermark=not args.no_watermark, quantize=args.quantize)
     t0 = time.perf_counter()
     if args.ckpt_dir is not None:
         model = OptimizedChatterboxTTS.from_local(args.ckpt_dir, **kw)

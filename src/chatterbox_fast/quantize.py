@@ -1,0 +1,136 @@
+"""Weight-only int8 for T3's decode-time linears (`quantize_t3(model, "int8")`).
+
+Decoding one token reads every linear weight once, so on a CPU (and at batch 2 on a GPU) T3 is bound by weight
+bytes: int8 weights read 4x fewer bytes than fp32 (0.50 GB instead of 2.01 GB for the 30 layers).
+
+Scheme: per-output-channel symmetric int8, `w[n, :] ~= scale[n] * q[n, :]`, q in [-127, 127], scale = max|w[n, :]|
+/ 127 (round to nearest). Activations are not quantised. What is quantised: the seven Llama linears of every layer
+(q/k/v/o, gate/up/down: 99.3 % of the weight bytes a decode step reads besides the head). What is not:
+- `speech_head` (1024 x 8194, 34 MB fp32, 6 % of the int8 step's bytes): its outputs are the logits that the
+  sampler turns into probabilities directly, with no later layer to average the rounding out, and T3 takes its
+  model dtype from `speech_head.weight` (caches, conditioning). Quantising it would save ~1 ms/token at best.
+- the conditioning encoder, embeddings and `text_head`: run once per request (or never), not per token.
+
+Kernels (`Int8Linear.forward`):
+- CPU: `torch.ops.aten._weight_int8pack_mm(x_bf16, q, scale_bf16)`, activations cast to bf16 and the result back to
+  the model dtype. That kernel reads the int8 weight directly (no dequantised copy); with fp32 activations it takes
+  a slow path (~20x slower at batch 2, see BENCHMARKS.md), hence the bf16 round trip, which adds a bf16 rounding
+  of the activations and of the output (relative 2^-9, below the int8 weight rounding).
+- elsewhere (CUDA, MPS), or a torch without the op: `F.linear(x, q.to(x.dtype)) * scale`, correct on every
+  device; torch.compile fuses the int8 -> float conversion into the GEMM's operand load on CUDA.
+fbgemm's dynamic int8 (`torch.ao.nn.quantized.dynamic.Linear`, activations quantised per tensor to uint8 on the
+fly) is about as fast on the CPU measured (benchmarks/t3_int8.py) but adds activation quantisation error and goes
+through torchbind packed parameters that dynamo cannot trace into a full graph, so it is not used.
+
+Compilation: the CPU path keeps `_weight_int8pack_mm` in the graph (inductor lowers it to the same ATen kernel, or
+to its C++ GEMM template under max-autotune), so the compiled step reads the same int8 bytes. Trap avoided: with
+inductor freezing, a dequantise-then-matmul written in the graph (the fallback's form) is constant-folded back to a
+float weight, fast but no longer int8; the CPU path never materialises a float weight in the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models.t3 import T3
+
+QUANT_MODES = ("int8",)
+# the linears of each Llama layer that are quantised (attribute paths under tfmr.layers[i])
+T3_INT8_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+_HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def check_quantize_mode(mode: str | None) -> str | None:
+    """None (no quantisation) or one of QUANT_MODES; anything else raises ValueError naming the allowed values."""
+    if mode is not None and mode not in QUANT_MODES:
+        raise ValueError(f"quantize must be None or one of {QUANT_MODES}, got {mode!r}")
+    return mode
+
+
+def quantize_weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, K) float weight -> (q (N, K) int8 in [-127, 127], scale (N,) fp32) with w ~= scale[:, None] * q.
+
+    The scales are rounded to bf16 values (kept in fp32) before q is computed: the CPU kernel takes its scales in
+    bf16, so every path (bf16 kernel, fp32 fallback) then stands for the same dequantised weight.
+    """
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"expected a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
+    wf = w.detach().float()
+    scale = (wf.abs().amax(dim=1) / 127.0).to(torch.bfloat16).float()  # (N,)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: q = 0 with any scale
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear with an int8 weight (N, K) and per-output-channel scales (N,); no float weight kept.
+
+    `scale` holds bf16-representable values in fp32 (the fallback's multiplier); `scale_bf16` is the same values in
+    bf16, the copy the CPU kernel takes (scales in the activation dtype), precomputed so the forward has no extra op.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("scale_bf16", torch.ones(out_features, dtype=torch.bfloat16, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        if linear.bias is not None:
+            raise ValueError("Int8Linear has no bias (T3's linears have none)")
+        q, scale = quantize_weight_int8(linear.weight)
+        mod = cls(linear.in_features, linear.out_features, device="meta")
+        mod.weight_int8, mod.scale, mod.scale_bf16 = q, scale, scale.to(torch.bfloat16)
+        return mod
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight the int8 one stands for, (N, K): the reference for tests, not used in forward."""
+        return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., K) -> (..., N) in x's dtype."""
+        if _HAS_INT8PACK and x.device.type == "cpu":
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16)  # (M, N) bf16
+            return y.to(x.dtype).view(*lead, self.out_features)
+        return F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8 per-channel"
+
+
+def quantize_t3(model: T3, mode: str = "int8") -> T3:
+    """Replace T3's per-layer Llama linears (T3_INT8_TARGETS) by Int8Linear, in place; returns the model.
+
+    Each float weight is dropped as soon as its int8 copy exists (peak extra memory: one layer's temporaries), so
+    once nothing else holds the loaded tensors, the resident T3 linear weights are int8 (+ scales). Quantising an
+    already quantised model is a no-op. Call before compiling the decode step or capturing CUDA graphs.
+    """
+    if check_quantize_mode(mode) is None:
+        raise ValueError(f"quantize_t3 needs a mode from {QUANT_MODES}, got None")
+    if not isinstance(model, T3):
+        raise TypeError(f"model must be a T3, got {type(model).__name__}")
+    with torch.no_grad():
+        for layer in model.tfmr.layers:
+            for path in T3_INT8_TARGETS:
+                parent_name, name = path.split(".")
+                parent = getattr(layer, parent_name)
+                lin = getattr(parent, name)
+                if isinstance(lin, Int8Linear):
+                    continue
+                setattr(parent, name, Int8Linear.from_linear(lin))
+                del lin
+    return model
+
+
+def int8_linear_bytes(model: nn.Module) -> int:
+    """Bytes held by the Int8Linear modules of `model` (int8 weights + both scale copies)."""
+    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Int8Linear)
+               for b in m.buffers())
