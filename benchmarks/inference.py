@@ -357,7 +357,7 @@ def shorten_voice(engine, n_tokens: int) -> None:
 
 
 def run_mode(name: str, args, result: dict[str, Any], save: Callable[[], None] = lambda: None,
-             loader: Callable = load_engine) -> None:
+             loader: Callable | None = None) -> None:
     """Measure one mode, filling `result` in place stage by stage (save() after each, so a crash or a kill
     leaves what was measured). Raises on failure; the caller records the error."""
     options = dict(MODES[name])
@@ -381,7 +381,7 @@ def run_mode(name: str, args, result: dict[str, Any], save: Callable[[], None] =
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = loader(args.ckpt, device, options)
+        engine = (loader or load_engine)(args.ckpt, device, options)
     sync(device)
     result["load_s"] = time.perf_counter() - t0
     result["load_warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]

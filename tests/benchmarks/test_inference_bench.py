@@ -164,3 +164,22 @@ def test_modes_parse():
     assert bench.MODES["compiled-int8"] == {"enable_compilation": True, "quantize": "int8"}
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "eager-fp64", "--ckpt", "/nonexistent"])
+
+
+def test_main_in_process_writes_json(tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "t3_cfg.safetensors").write_bytes(b"")  # parse_args checks the folder; the loader is the tiny one
+    monkeypatch.setattr(bench, "load_engine", tiny_loader)
+    monkeypatch.setattr(bench, "supports_quantize", lambda: False)
+    out = tmp_path / "r.json"
+    rc = bench.main(["--device", "cpu", "--ckpt", str(ckpt), "--modes", "eager-fp32,eager-int8", "--tokens", "6",
+                     "--iters", "2", "--bandwidth-mb", "8", "--in-process", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert "RANDOM WEIGHTS" in data["note"] and data["machine"]["torch_version"] == torch.__version__
+    assert data["settings"]["tokens"] == 6 and data["settings"]["iters"] == 2
+    assert data["modes"]["eager-fp32"]["status"] == "ok" and data["modes"]["eager-int8"]["status"] == "not available"
+    assert data["modes"]["eager-fp32"]["t3"]["decode_ms_per_token"]["n"] == 2 * 5  # 2 requests x 5 steps
+    assert [r["mode"] for r in data["summary"]] == ["eager-fp32", "eager-int8"]
+    assert "RANDOM WEIGHTS" in capsys.readouterr().out
