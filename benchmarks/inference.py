@@ -455,6 +455,8 @@ def run_mode(name: str, args, result: dict[str, Any], save: Callable[[], None] =
         wall = _stats([r["wall_ms"] for r in e2e_runs])
         audio_s = e2e_runs[-1]["audio_s"]
         result["e2e"] = {"wall_ms": wall, "audio_s": audio_s, "rtf": wall["median"] / 1e3 / audio_s if audio_s else None}
+        # what the first request cost beyond a warm one: compilation, graph capture, allocator / kernel warm-up
+        result["first_request_overhead_s"] = result["first_request_s"] - wall["median"] / 1e3
     result["memory"] = peak_memory(device)
     save()
 
