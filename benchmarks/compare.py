@@ -170,9 +170,31 @@ def run_ours(a, cases, mode: str) -> dict:
                     a.wav_dir.mkdir(parents=True, exist_ok=True)
                     sf.write(str(a.wav_dir / f"ours_{mode}_{name}.wav"), wav.squeeze(0).numpy(), eng.sr)
             res["cases"][name] = runs
+        if a.profile_dir is not None and mode in a.profile_modes.split(","):
+            res["profile"] = profile_one(a, eng, cases[0], mode)
     finally:
         decode.prefill = orig_prefill
     return res
+
+
+def profile_one(a, eng, case, mode: str) -> str:
+    """One more request under torch.profiler: the top ops by device and by host time, to a text file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name, text, steps = case
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        eng.generate(text, max_new_tokens=steps, seed=a.seed)
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    by_dev = "cuda_time_total" if a.device.startswith("cuda") else "cpu_time_total"
+    path = a.profile_dir / f"profile_{mode}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"RANDOM WEIGHTS. one request: case {name}, {steps} steps, mode {mode}\n\n"
+                    + ka.table(sort_by=by_dev, row_limit=30, max_name_column_width=60) + "\n\n"
+                    + ka.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    return str(path)
 
 
 def run_reference(a, cases) -> dict:
@@ -180,7 +202,8 @@ def run_reference(a, cases) -> dict:
         cases_json = Path(tmp) / "cases.json"
         cases_json.write_text(json.dumps([{"name": n, "text": t, "steps": s} for n, t, s in cases]))
         cmd = [str(a.ref_python), str(Path(__file__).parent / "_reference_e2e.py"), "--ckpt", str(a.ckpt_dir),
-               "--cases", str(cases_json), "--device", a.device, "--runs", str(a.runs), "--warmup", str(a.warmup),
+               "--cases", str(cases_json), "--device", a.device, "--runs", str(a.ref_runs or a.runs),
+               "--warmup", str(a.warmup),
                "--threads", str(a.threads), "--seed", str(a.seed)]
         if a.voice is not None:
             cmd += ["--voice", str(a.voice)]
@@ -228,6 +251,7 @@ def main() -> None:
     ap.add_argument("--cases", default="short,medium,long")
     ap.add_argument("--max-steps", type=int, default=0, help="cap every case's decode steps (quick runs)")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--ref-runs", type=int, default=0, help="timed reference runs (default: --runs)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
@@ -237,6 +261,8 @@ def main() -> None:
     ap.add_argument("--ref-timeout", type=float, default=3600)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--wav-dir", type=Path)
+    ap.add_argument("--profile-dir", type=Path, help="profile one extra request per mode in --profile-modes")
+    ap.add_argument("--profile-modes", default="bf16-compiled")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.threads > 0:

@@ -65,8 +65,7 @@ EOF
 fi
 [ -f "$CKPT/DONE" ] || { log "checkpoint build FAILED"; tail -40 "$OUT/build.log"; }
 
-log "ceilings"
-timeout 60 $PY - "$DEVICE" <<'EOF' 2>&1 | tee "$OUT/ceilings.txt"
+[ -n "${SKIP_CEILINGS:-}" ] || { log "ceilings"; timeout 60 $PY - "$DEVICE" <<'EOF' 2>&1 | tee "$OUT/ceilings.txt"
 import sys, torch, common
 dev = sys.argv[1]
 if dev == "cuda":
@@ -78,18 +77,20 @@ if dev == "cuda":
     print(f"bf16 GEMM 8192^3 {common.measure_gemm_gflops(8192, 8192, 8192, torch.bfloat16, device=dev) / 1e3:.0f} TFLOP/s")
     print(f"fp32 GEMM 4096^3 {common.measure_gemm_gflops(4096, 4096, 4096, torch.float32, device=dev) / 1e3:.0f} TFLOP/s")
 EOF
+}
 
 if [ "$DEVICE" = "cuda" ]; then
   log "CUDA tests"
-  timeout "${TESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/generation/test_cuda_graph.py tests/generation/test_decode.py \
-    2>&1 | tail -15 | tee "$OUT/tests.log"
+  timeout "${TESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests/generation/test_cuda_graph.py tests/generation/test_decode.py} \
+    > "$OUT/tests.log" 2>&1; tail -15 "$OUT/tests.log"
 fi
 
 if [ "$MODE" = quick ]; then CASES=medium; STEPS="--max-steps 40"; else CASES=medium; STEPS=""; fi
 log "compare: reference vs ours ($CASES)"
 timeout "${COMPARE_TIMEOUT:-420}" $PY benchmarks/compare.py --ckpt-dir "$CKPT" --device "$DEVICE" --ref-python "$REFPY" \
-  --cases "$CASES" $STEPS --voice "$CKPT/clips/voice_10s_24k.wav" --runs 2 --warmup 1 \
-  ${MODES:+--modes $MODES} --out "$OUT/compare_$DEVICE.json" 2>&1 | tee "$OUT/compare.log" | grep -v "^  ours/" | tail -30
+  --cases "$CASES" $STEPS --voice "$CKPT/clips/voice_10s_24k.wav" --warmup 1 \
+  ${MODES:+--modes $MODES} ${PROFILE:+--profile-dir $OUT --profile-modes $PROFILE} --runs "${RUNS:-2}" \
+  ${REF_RUNS:+--ref-runs $REF_RUNS} ${NO_REF:+--no-reference} --out "$OUT/compare_$DEVICE.json" 2>&1 | tee "$OUT/compare.log" | grep -v "^  ours/" | tail -30
 
 if [ -f benchmarks/inference.py ] && [ -z "${SKIP_INFERENCE:-}" ]; then
   log "inference.py: our modes alone"

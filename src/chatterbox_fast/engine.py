@@ -114,6 +114,8 @@ class OptimizedChatterboxTTS:
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._step_fn = None
         if self.cuda_graphs:
+            if type(getattr(self.t3.tfmr.layers[0].self_attn, "q_proj", None)) is torch.nn.Linear:  # not int8
+                self.t3.fuse_projections()  # fewer GEMM launches per decode step
             self._step_fn = self._graph_decode(enable_compilation)
         elif enable_compilation:
             self._step_fn = self._compile_decode()

@@ -71,6 +71,22 @@ def test_graphed_estimator_is_the_plain_one_without_cuda():
     assert flow.decoder.estimator is inner
 
 
+@pytest.mark.parametrize("T", [37, 64])
+def test_padding_to_a_bucket_leaves_the_real_frames_unchanged(T):
+    """What GraphedEstimator relies on (checked on CPU): masked padded frames never reach the real ones."""
+    est = _tiny_flow().decoder.estimator
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, T, 320, generator=g)
+    t_emb = est.embed_time(torch.tensor([0.4, 0.4]))
+    want = est.forward_packed(h, t_emb)
+    Tp = T + 27
+    sh, sm = torch.full((2, Tp, 320), 123.0), torch.empty(2, Tp, 1)
+    GraphedEstimator._fill(sh, t_emb.clone(), sm, h, t_emb, None)
+    assert torch.equal(sh[:, T:], torch.zeros(2, Tp - T, 320)) and sm[:, T:].abs().sum() == 0
+    got = est.forward_packed(sh, t_emb, sm)[:, :T]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [False, True])
@@ -116,9 +132,26 @@ def test_graphed_estimator_matches_eager_solve():
     graph_estimator(holder)
     got = solve_euler_cfg(flow.decoder.estimator, noise, mu, spks, cond, None, cosine_t_span(10), 0.7)
     again = solve_euler_cfg(flow.decoder.estimator, noise, mu, spks, cond, None, cosine_t_span(10), 0.7)
+    assert flow.decoder.estimator.fallback_reason is None and len(flow.decoder.estimator._graphs) == 1
     assert torch.equal(got, again)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # same kernels; cuBLAS may pick another algorithm
     graph_estimator(holder, autocast_dtype=torch.bfloat16)
     low = solve_euler_cfg(flow.decoder.estimator, noise, mu, spks, cond, None, cosine_t_span(10), 0.7)
     rel = ((low - want).norm() / want.norm()).item()
     assert 0 < rel < 5e-2, rel
+
+
+def test_fused_projections_give_the_same_logits():
+    """T3.fuse_projections (used on CUDA): q/k/v and gate/up as single GEMMs, same logits to float rounding."""
+    model = _tiny_t3("cpu")
+    params = SamplingParams(max_new_tokens=12)
+    x = _prefill_x(model, 33, "cpu", torch.float32)
+    model.setup_caches(2, 64)
+    want_prefill = model.forward_hidden(x, torch.arange(33))
+    want = generate_tokens(model, x, params, torch.Generator().manual_seed(0))
+    n_params = sum(p.numel() for p in model.parameters())
+    model.fuse_projections()
+    assert sum(p.numel() for p in model.parameters()) == n_params  # moved, not copied
+    assert not hasattr(model.tfmr.layers[0].self_attn, "q_proj")
+    torch.testing.assert_close(model.forward_hidden(x, torch.arange(33)), want_prefill, rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate_tokens(model, x, params, torch.Generator().manual_seed(0)), want)

@@ -154,19 +154,26 @@ class CUDAGraphDecodeStep:
 class GraphedEstimator(nn.Module):
     """Drop-in for `ConditionalDecoder` inside `solve_euler_cfg`: `forward_packed` replayed from CUDA graphs.
 
-    One graph per (shape of h, mask given) is kept, at most `max_graphs` (least recently used dropped). With
-    `autocast_dtype` (e.g. torch.bfloat16) the estimator runs under autocast: bf16 matmuls and convs, fp32 norms and
-    softmax; this changes the numbers (opt-in, `use_mixed_precision`).
+    Lengths are padded up to a multiple of `bucket` frames so that requests of similar length share a graph (a
+    capture costs about three eager calls, so capturing per request would eat most of the gain). The padded frames
+    are masked: the convs are causal (a frame never sees later frames) and padded keys get the -1e10 attention bias,
+    so the real frames see exactly what they would unpadded (up to the kernels' float rounding). One graph per
+    (batch, bucket, masked) is kept, at most `max_graphs` (least recently used dropped; all share one memory pool).
+    With `autocast_dtype` (e.g. torch.bfloat16) the estimator runs under autocast: bf16 matmuls and convs, fp32 norms
+    and softmax; this changes the numbers (opt-in, `use_mixed_precision`). A failed capture logs one warning and
+    the estimator runs eagerly from then on.
     """
 
-    def __init__(self, inner: nn.Module, max_graphs: int = 4, autocast_dtype: torch.dtype | None = None,
-                 warmup: int = 2, graphs: bool = True):
+    def __init__(self, inner: nn.Module, max_graphs: int = 16, autocast_dtype: torch.dtype | None = None,
+                 warmup: int = 1, graphs: bool = True, bucket: int = 64):
         super().__init__()
         self.inner = inner
         self.graphs = graphs
         self.max_graphs = max_graphs
         self.autocast_dtype = autocast_dtype
         self.warmup = warmup
+        self.bucket = bucket
+        self.fallback_reason: str | None = None
         self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self._pool = None
 
@@ -180,58 +187,82 @@ class GraphedEstimator(nn.Module):
     def embed_time(self, t: Tensor) -> Tensor:
         return self.inner.embed_time(t)
 
-    def _run(self, h: Tensor, t_emb: Tensor, mask: Tensor | None, attn_bias: Tensor | None) -> Tensor:
-        if self.autocast_dtype is None:
+    def _run(self, h: Tensor, t_emb: Tensor, mask: Tensor | None, attn_bias: Tensor | None = None) -> Tensor:
+        if self.autocast_dtype is None or h.device.type != "cuda":
             return self.inner.forward_packed(h, t_emb, mask, attn_bias)
         with torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False):  # graph-capture safe
             return self.inner.forward_packed(h, t_emb, mask, attn_bias).float()
 
     def forward_packed(self, h: Tensor, t_emb: Tensor, mask: Tensor | None = None,
                        attn_bias: Tensor | None = None) -> Tensor:
+        """h (B, T, 320), t_emb (B, E), mask (B, T, 1) or None -> (B, T, 80) (a view of a graph buffer)."""
         if not self.graphs or h.device.type != "cuda":
             return self._run(h, t_emb, mask, attn_bias)
-        if mask is not None and attn_bias is None:
-            attn_bias = self.inner.attn_bias(mask)
-        key = (tuple(h.shape), tuple(t_emb.shape), mask is None, h.dtype)
+        B, T, _ = h.shape
+        Tp = -(-T // self.bucket) * self.bucket
+        masked = mask is not None or Tp != T
+        key = (B, Tp, h.shape[2], tuple(t_emb.shape), masked, h.dtype)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(h, t_emb, mask, attn_bias)
+            try:
+                entry = self._capture(key, h, t_emb)
+            except Exception as err:  # noqa: BLE001 - a capture that fails is reported once; eager from then on
+                self._fall_back(err)
+                return self._run(h, t_emb, mask, attn_bias)
             self._graphs[key] = entry
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         else:
             self._graphs.move_to_end(key)
-        g, (sh, st, sm, sb), out = entry
-        sh.copy_(h)
+        g, (sh, st, sm), out = entry
+        self._fill(sh, st, sm, h, t_emb, mask)
+        g.replay()
+        return out[:, :T]
+
+    @staticmethod
+    def _fill(sh: Tensor, st: Tensor, sm: Tensor | None, h: Tensor, t_emb: Tensor, mask: Tensor | None) -> None:
+        T = h.shape[1]
+        sh[:, :T].copy_(h)
+        sh[:, T:].zero_()  # padded frames must be finite: they are masked, and NaN * 0 is NaN
         st.copy_(t_emb)
         if sm is not None:
-            sm.copy_(mask)
-            sb.copy_(attn_bias)
-        g.replay()
-        return out
+            if mask is None:
+                sm[:, :T].fill_(1.0)
+            else:
+                sm[:, :T].copy_(mask)
+            sm[:, T:].zero_()
 
-    def _capture(self, h, t_emb, mask, attn_bias):
-        statics = (h.clone(), t_emb.clone(), None if mask is None else mask.clone(),
-                   None if attn_bias is None else attn_bias.clone())
-        sh, st, sm, sb = statics
+    def _capture(self, key: tuple, h: Tensor, t_emb: Tensor):
+        B, Tp, C, _, masked, dtype = key
+        sh = torch.zeros(B, Tp, C, dtype=dtype, device=h.device)
+        st = torch.empty_like(t_emb, memory_format=torch.contiguous_format)
+        sm = torch.zeros(B, Tp, 1, dtype=dtype, device=h.device) if masked else None
+        self._fill(sh, st, sm, h, t_emb, None)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side):  # lazy initialisation (cuBLAS / cuDNN handles, workspaces) off the capture
             for _ in range(self.warmup):
-                self._run(sh, st, sm, sb)
+                self._run(sh, st, sm)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):
-            out = self._run(sh, st, sm, sb)
-        return g, statics, out
+            out = self._run(sh, st, sm)
+        return g, (sh, st, sm), out
+
+    def _fall_back(self, err: Exception) -> None:
+        self.graphs = False
+        self._graphs.clear()
+        self.fallback_reason = (f"{type(err).__name__}: {err}".splitlines() or [""])[0][:500]
+        logger.warning("CUDA graph capture of the flow estimator failed, running it eagerly: %s", self.fallback_reason)
+        torch.cuda.synchronize()
 
     def forward(self, *args, **kwargs):  # the plain forward is not graphed
         return self.inner(*args, **kwargs)
 
 
-def graph_estimator(s3gen: nn.Module, autocast_dtype: torch.dtype | None = None, max_graphs: int = 4,
+def graph_estimator(s3gen: nn.Module, autocast_dtype: torch.dtype | None = None, max_graphs: int = 16,
                     graphs: bool = True) -> None:
     """Replace `s3gen.flow.decoder.estimator` by a `GraphedEstimator` around it (idempotent)."""
     cfm = s3gen.flow.decoder

@@ -75,14 +75,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, inner, bias=False)
         self.v_proj = nn.Linear(cfg.dim, inner, bias=False)
         self.o_proj = nn.Linear(inner, cfg.dim, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): q, k, v as one GEMM
         self.kv_cache: KVCache | None = None
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one (3 inner, D) projection: one GEMM launch instead of three (a runtime
+        transform for the GPU decode step; the module then no longer has the checkpoint's key names)."""
+        if self.qkv_proj is not None:
+            return
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, cs: Tensor, input_pos: Tensor, mask: Tensor | None, kv_len: int) -> Tensor:
         """x (B, S, D); cs (S, hd, 2); mask (S, kv_len) bool or None for a causal prefill from position 0."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
-        k = self.k_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).view(B, S, 3 * self.n_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
+        else:
+            q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
+            k = self.k_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cs), apply_rope(k, cs)
         if self.kv_cache is not None:
             self.kv_cache.update(input_pos, k, v)
@@ -102,8 +116,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one (2 I, D) projection (see Attention.fuse)."""
+        if self.gate_up_proj is not None:
+            return
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.gate_up_proj.weight = nn.Parameter(w, requires_grad=False)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -150,6 +177,14 @@ class T3(nn.Module):
         self.speech_head = nn.Linear(cfg.dim, cfg.speech_vocab_size, bias=False)
         self.max_batch = 0
         self.max_seq = 0
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up as single GEMMs in every layer (fewer kernel launches per decode step; same math, the
+        GEMM kernels may round differently). A runtime transform: the model can no longer be saved in the
+        checkpoint's layout. Not combined with int8 quantisation (which replaces the separate projections)."""
+        for layer in self.tfmr.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     # ---- caches -------------------------------------------------------------------------------------------
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
