@@ -45,11 +45,16 @@ def sinusoidal_time_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) 
     return torch.cat((arg.sin(), arg.cos()), dim=-1)
 
 
+# Up to this batch a k-tap conv runs as k shifted GEMMs per row (no im2col copy); above it one im2col GEMM.
+_SHIFTED_CONV_MAX_BATCH = 8
+
+
 class CausalConv1d(nn.Module):
     """Conv1d (weight (O, I, k), stride 1) with k-1 zeros of left padding, applied to time-major (B, T, I) input.
 
-    Computed as im2col + one GEMM: the (O, I, k) weight viewed as (O, I*k) matches the unfolded (T, I, k) layout.
-    With k = 1 this is a plain pointwise Conv1d (used for `res_conv` and `final_proj`).
+    Computed as k GEMMs on shifted views of the input (the earlier taps accumulated in place, beta = 1), so no
+    padded or unfolded copy is made; for a large batch, one im2col GEMM instead (the (O, I, k) weight viewed as
+    (O, I*k) matches the unfolded (T, I, k) layout). k = 1 is a plain pointwise Conv1d (`res_conv`, `final_proj`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
@@ -60,16 +65,34 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size
-        w = self.weight.reshape(self.weight.shape[0], -1)  # (O, I*k)
         if k == 1:
-            return F.linear(x, w, self.bias)
+            return F.linear(x, self.weight.squeeze(-1), self.bias)
         b, t, c = x.shape
-        cols = F.pad(x, (0, 0, k - 1, 0)).unfold(1, k, 1)  # (B, T, I, k) view
-        return F.linear(cols.reshape(b, t, c * k), w, self.bias)  # (B, T, O)
+        if b > _SHIFTED_CONV_MAX_BATCH or t < k:
+            cols = F.pad(x, (0, 0, k - 1, 0)).unfold(1, k, 1)  # (B, T, I, k) view
+            return F.linear(cols.reshape(b, t, c * k), self.weight.reshape(self.weight.shape[0], -1), self.bias)
+        # Shifted GEMMs, no im2col copy: y[t] = b + W[..., k-1] x[t] + sum_{j<k-1} W[..., j] x[t - (k-1) + j],
+        # each earlier tap accumulated in place (beta = 1) into the frames it reaches; frames before 0 are the zeros
+        # of the causal padding, so they simply contribute nothing.
+        y = F.linear(x, self.weight[:, :, k - 1], self.bias)  # (B, T, O), current-frame tap + bias
+        for j in range(k - 1):
+            shift = k - 1 - j
+            wt = self.weight[:, :, j].t()  # (I, O) view
+            for i in range(b):
+                y[i, shift:].addmm_(x[i, : t - shift], wt)
+        return y
 
 
 def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x * mask
+
+
+def mish_(x: torch.Tensor) -> torch.Tensor:
+    """In-place Mish, x * tanh(log1p(exp(x))): ATen's own Mish formula (same vectorised exp/log1p/tanh, so equal
+    to F.mish to 1 ulp), as four in-place passes; measured ~2x faster than F.mish on a 2-core AVX-512 CPU."""
+    y = torch.exp(x)
+    y.log1p_().tanh_()
+    return x.mul_(y)
 
 
 class CausalBlock1D(nn.Module):
@@ -84,8 +107,8 @@ class CausalBlock1D(nn.Module):
         self.block = nn.ModuleDict({"0": CausalConv1d(dim, dim_out, 3), "2": nn.LayerNorm(dim_out)})
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        y = F.mish(self.block["2"](self.block["0"](_apply_mask(x, mask))))
-        return _apply_mask(y, mask)
+        y = mish_(self.block["2"](self.block["0"](_apply_mask(x, mask))))
+        return y if mask is None else y.mul_(mask)
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -99,9 +122,9 @@ class CausalResnetBlock1D(nn.Module):
         self.res_conv = CausalConv1d(dim, dim_out, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, t_emb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x, mask) + self.mlp(t_emb).unsqueeze(1)  # (B, T, C) + (B, 1, C)
+        h = self.block1(x, mask).add_(self.mlp(t_emb).unsqueeze(1))  # (B, T, C) + (B, 1, C)
         h = self.block2(h, mask)
-        return h + self.res_conv(_apply_mask(x, mask))
+        return h.add_(self.res_conv(_apply_mask(x, mask)))
 
 
 class Attention(nn.Module):
@@ -117,13 +140,17 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, H*hd) attention output before `to_out`."""
         b, t, _ = x.shape
         q = self.to_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.to_k(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         v = self.to_v(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0 / math.sqrt(self.head_dim))
-        return self.to_out[0](y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)  # a view: SDPA's output is (B, T, H, hd)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        return self.to_out[0](self.attend(x, attn_bias))
 
 
 class GELUProj(nn.Module):
@@ -134,7 +161,7 @@ class GELUProj(nn.Module):
         self.proj = nn.Linear(dim, inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x))
+        return F.gelu(self.proj(x)) if torch.is_grad_enabled() else torch.ops.aten.gelu_(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -162,6 +189,19 @@ class BasicTransformerBlock(nn.Module):
         x = x + self.attn1(self.norm1(x), attn_bias)
         return x + self.ff(self.norm3(x))
 
+    def forward_(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        """`forward` IN PLACE on a contiguous x (inference only): each residual add rides in its output
+        projection's GEMM (beta = 1 into x), then the bias is added in place. No (B, T, C) tensor is allocated
+        for the residual stream."""
+        c = x.shape[-1]
+        y = x.view(-1, c)  # (B*T, C)
+        out = self.attn1.to_out[0]
+        y.addmm_(self.attn1.attend(self.norm1(x), attn_bias).reshape(-1, out.in_features), out.weight.t())
+        y.add_(out.bias)
+        ff_out = self.ff.net[2]
+        y.addmm_(self.ff.net[0](self.norm3(y)), ff_out.weight.t()).add_(ff_out.bias)
+        return x
+
 
 class TimestepEmbedding(nn.Module):
     """linear_2(SiLU(linear_1(emb)))."""
@@ -173,6 +213,14 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def _run_block(block: BasicTransformerBlock, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    return block(x, attn_bias)
+
+
+def _run_block_(block: BasicTransformerBlock, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    return block.forward_(x, attn_bias)
 
 
 def _transformer_stack(cfg: EstimatorConfig) -> nn.ModuleList:
@@ -226,22 +274,25 @@ class ConditionalDecoder(nn.Module):
         """
         if mask is not None and attn_bias is None:
             attn_bias = self.attn_bias(mask)
+        # Every x below is a fresh tensor owned here (never the caller's h), so the transformer blocks may update
+        # it in place; `skip` is not written after it is taken.
+        run = _run_block if torch.is_grad_enabled() else _run_block_
         (resnet, blocks, conv), = self.down_blocks
         x = resnet(h, mask, t_emb)
         for block in blocks:
-            x = block(x, attn_bias)
+            x = run(block, x, attn_bias)
         skip = x
         x = conv(_apply_mask(x, mask))
 
         for resnet, blocks in self.mid_blocks:
             x = resnet(x, mask, t_emb)
             for block in blocks:
-                x = block(x, attn_bias)
+                x = run(block, x, attn_bias)
 
         (resnet, blocks, conv), = self.up_blocks
         x = resnet(torch.cat([x, skip], dim=-1), mask, t_emb)  # (B, T, 2C): [x, skip] like the reference
         for block in blocks:
-            x = block(x, attn_bias)
+            x = run(block, x, attn_bias)
         x = conv(_apply_mask(x, mask))
         x = self.final_block(x, mask)
         return _apply_mask(self.final_proj(_apply_mask(x, mask)), mask)
