@@ -9,7 +9,8 @@ estimator on a CFG batch of 2. Speed does not depend on the values.
 Reported: flow wall time (min / median over --iters after --warmup), time per estimator call, the flow's FLOPs
 (counted on our implementation: every GEMM / conv via torch's FlopCounterMode, plus 4*B*H*Tq*Tk*D per attention
 call), the achieved GFLOP/s of both implementations against the measured fp32 GEMM throughput of the machine
-(benchmarks/common.py), and the speed-up ratio.
+(benchmarks/common.py), the estimator alone (FLOPs of one call / median call time; the issue's >= 85 % target is
+on this one), and the speed-up ratio.
 - reference: benchmarks/_reference_s3gen.py in the oracle venv (subprocess, JSON on stdout).
 - ours: in process, `S3GenFlow.inference` eager.
 """
@@ -78,6 +79,10 @@ def run_ours(a, ckpt: Path) -> dict:
 
     flops = count_flops(call)
     est = flow.decoder.estimator
+    t = 2 * (a.tokens + a.prompt_tokens)
+    h = torch.zeros(2, t, 4 * flow.cfg.n_feats, device=a.device)
+    t_emb = est.embed_time(torch.zeros(2, device=a.device))
+    est_flops = count_flops(lambda: est.forward_packed(h, t_emb))  # one estimator call (CFG batch of 2)
     orig = est.forward_packed
     est_ms: list[float] = []
 
@@ -101,6 +106,7 @@ def run_ours(a, ckpt: Path) -> dict:
         "estimator_call_ms": {"min_ms": min(calls), "median_ms": statistics.median(calls), "calls": len(calls)},
         "mel_shape": list(call().shape),
         "flops": flops,
+        "estimator_call_flops": est_flops,
     }
 
 
@@ -138,9 +144,11 @@ def main() -> None:
     if not oracle_paths.is_built(ckpt):
         sys.exit(f"oracle checkpoint missing: {ckpt} (run `make oracle`)")
 
-    gemm = common.measure_gemm_gflops(device=a.device)
+    gemm_before = common.measure_gemm_gflops(device=a.device)
     ours = run_ours(a, ckpt)
     ref = None if a.no_reference else run_reference(a, ckpt)
+    gemm_after = common.measure_gemm_gflops(device=a.device)
+    gemm = max(gemm_before, gemm_after)  # the less disturbed of the two: ratios against it are conservative
     flops = ours["flops"]
     result = {
         "note": NOTE,
@@ -149,13 +157,21 @@ def main() -> None:
         "shape": {"tokens": a.tokens, "prompt_tokens": a.prompt_tokens, "prompt_frames": a.prompt_frames,
                   "mel_frames_total": 2 * (a.tokens + a.prompt_tokens), "n_timesteps": 10, "cfg_batch": 2},
         "gemm_fp32_gflops": gemm,
+        "gemm_fp32_gflops_before_after": [gemm_before, gemm_after],
         "flow_gflop": flops / 1e9,
         "ours": {**ours, "achieved_gflops": flops / (ours["flow_ms"]["min_ms"] * 1e-3) / 1e9},
     }
     result["ours"]["fraction_of_gemm"] = result["ours"]["achieved_gflops"] / gemm
+    # The issue's target: the estimator alone (its FLOPs per call / its median call time) against the GEMM peak.
+    est_gflop = ours["estimator_call_flops"] / 1e9
+    result["estimator_call_gflop"] = est_gflop
+    result["ours"]["estimator_gflops"] = est_gflop / (ours["estimator_call_ms"]["median_ms"] * 1e-3)
+    result["ours"]["estimator_fraction_of_gemm"] = result["ours"]["estimator_gflops"] / gemm
     if ref is not None:
         ref["achieved_gflops"] = flops / (ref["flow_ms"]["min_ms"] * 1e-3) / 1e9
         ref["fraction_of_gemm"] = ref["achieved_gflops"] / gemm
+        ref["estimator_gflops"] = est_gflop / (ref["estimator_call_ms"]["median_ms"] * 1e-3)
+        ref["estimator_fraction_of_gemm"] = ref["estimator_gflops"] / gemm
         result["reference"] = ref
         result["speedup_flow_min"] = ref["flow_ms"]["min_ms"] / ours["flow_ms"]["min_ms"]
         result["speedup_estimator_median"] = (
