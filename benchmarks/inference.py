@@ -22,7 +22,8 @@ with the engine's warning (T3 stays fp32 there). Each mode runs in its own subpr
 GPU memory per mode; a crash or a hang (--mode-timeout, --budget-s) costs that mode only) and the JSON is rewritten
 after every mode, so an interrupted run keeps what it measured.
 
-Per mode: load_s; first_request_s (one full generate: compilation, CUDA-graph capture, allocator warm-up);
+Per mode: load_s (the engine compiles / captures at load when it warms up there); first_request_s (one full
+generate: whatever compilation, CUDA-graph capture, allocator warm-up the load left);
 T3 prefill ms and decode ms/token (median over the --tokens - 1 steps of each of --iters requests, timed between
 the engine loop's per-token callbacks; CUDA events on GPU, no extra sync), tokens/s; achieved GB/s = bytes of T3
 weights one decode step reads (every parameter/buffer of the 30 layers, final norm and speech head, at their actual
@@ -402,7 +403,7 @@ def run_mode(name: str, args, result: dict[str, Any], save: Callable[[], None] =
     result["prefill_len"] = int(text_ids.shape[1]) + engine.t3.cfg.cond_len + 2
     with fixed_length() as forcing:
         result["forcing"] = forcing
-        log(f"{tag} first request ({n} tokens; compilation / graph capture happen here) ...")
+        log(f"{tag} first request ({n} tokens; compilation / capture not done at load happen here) ...")
         t0 = time.perf_counter()
         first = time_e2e(engine, args.text, n, args.seed)
         result["first_request_s"] = time.perf_counter() - t0

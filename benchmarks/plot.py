@@ -132,7 +132,9 @@ def plot(bars: list[tuple[str, dict[str, float]]], out: Path, title: str = "", u
     ax.set_yticklabels([lab for lab, _ in bars], fontsize=8)
     ax.set_xlabel(f"time per request ({unit})")
     ax.set_xlim(0, max(totals) * scale * 1.15)
-    ax.set_title(f"{title}\n{NOTE}" if title else f"Time per stage. {NOTE}", fontsize=9)
+    if "RANDOM WEIGHTS" not in title.upper():
+        title = f"{title}\n{NOTE}" if title else f"Time per stage. {NOTE}"
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.3 / max(len(bars), 1)), ncol=min(len(order), 7),
               fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
