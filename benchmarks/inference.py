@@ -385,7 +385,9 @@ def run_mode(name: str, args, result: dict[str, Any], save: Callable[[], None] =
         engine = (loader or load_engine)(args.ckpt, device, options)
     sync(device)
     result["load_s"] = time.perf_counter() - t0
-    result["load_warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+    seen = [f"{w.category.__name__}: {w.message}" for w in caught
+            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]  # torch's own noise
+    result["load_warnings"] = list(dict.fromkeys(seen))
     result["rss_gb_after_load"] = rss_gb()
     if args.prompt_tokens:
         shorten_voice(engine, args.prompt_tokens)
