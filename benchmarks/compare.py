@@ -111,12 +111,8 @@ def run_ours(a, cases, mode: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eng = OptimizedChatterboxTTS.from_local(a.ckpt_dir, device=a.device, enable_compilation=compiled,
-                                                use_mixed_precision=bf16, enable_watermark=a.watermark)
-    if cuda and not graphs:
-        eng.cuda_graphs = False
-        from chatterbox_fast.generation.cuda_graph import ungraph_estimator
-        eng._step_fn = None
-        ungraph_estimator(eng.s3gen)
+                                                use_mixed_precision=bf16, enable_watermark=a.watermark,
+                                                cuda_graphs=graphs)
     res["load_s"] = time.perf_counter() - t0
     if cuda:
         res["gpu_after_load_gb"] = torch.cuda.memory_allocated() / 1e9

@@ -23,6 +23,8 @@ from .loading import Components, download_checkpoint, load_components
 
 logger = logging.getLogger(__name__)
 
+WARM_POSITIONS = 1100  # KV-cache positions allocated at warm-up: conditioning 34 + text + 1000 new tokens
+
 
 def default_device() -> str:
     if torch.cuda.is_available():
@@ -123,24 +125,44 @@ class OptimizedChatterboxTTS:
             from .generation.cuda_graph import graph_estimator
 
             graph_estimator(self.s3gen, torch.bfloat16 if use_mixed_precision else None, graphs=self.cuda_graphs)
+        if enable_compilation and self._step_fn is not None:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Compile / capture the decode step now rather than in the first request (called at load with
+        enable_compilation=True). The KV cache is allocated once, for WARM_POSITIONS positions (prompt, text and the
+        default 1000 new tokens), so requests up to that size never reallocate it nor compile again."""
+        from .generation.compile import CompiledStep
+        from .generation.decode import cache_len
+
+        self.t3.setup_caches(2, cache_len(WARM_POSITIONS))
+        if isinstance(self._step_fn, CompiledStep):
+            self._step_fn.warm_up(2)
+        elif self._step_fn is not None and self.conds is not None:  # CUDA graphs: one short request
+            ids = self.tokenizer.prepare("Warm up.").ids
+            self.generate_tokens(ids, self.conds, SamplingParams(max_new_tokens=4))
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
                         enable_watermark: bool = True, repo_id: str = REPO_ID, revision: str | None = None,
-                        cache_dir: str | None = None, quantize: str | None = None) -> "OptimizedChatterboxTTS":
+                        cache_dir: str | None = None, quantize: str | None = None,
+                        cuda_graphs: bool = True) -> "OptimizedChatterboxTTS":
         """Download (or reuse the Hugging Face cache of) ResembleAI/chatterbox and load it."""
         ckpt = download_checkpoint(repo_id, revision, cache_dir)
         return cls.from_local(ckpt, device=device, enable_compilation=enable_compilation,
                               use_mixed_precision=use_mixed_precision, enable_watermark=enable_watermark,
-                              quantize=quantize)
+                              quantize=quantize, cuda_graphs=cuda_graphs)
 
     @classmethod
     def from_local(cls, ckpt_dir, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
-                   enable_watermark: bool = True, quantize: str | None = None) -> "OptimizedChatterboxTTS":
+                   enable_watermark: bool = True, quantize: str | None = None,
+                   cuda_graphs: bool = True) -> "OptimizedChatterboxTTS":
         """Load from a folder holding ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json
         and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads.
-        quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md)."""
+        quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md).
+        cuda_graphs (CUDA only): replay T3's decode step and the flow estimator from CUDA graphs (same kernels, no
+        launch overhead; generation/cuda_graph.py). False runs them eagerly."""
         from .quantize import check_quantize_mode, quantize_t3
 
         check_quantize_mode(quantize)
@@ -156,7 +178,7 @@ class OptimizedChatterboxTTS:
         if quantize is not None:
             quantize_t3(parts.t3, quantize)
         return cls(parts, dev, enable_compilation=enable_compilation, use_mixed_precision=use_mixed_precision,
-                   enable_watermark=enable_watermark)
+                   enable_watermark=enable_watermark, cuda_graphs=cuda_graphs)
 
     def _graph_decode(self, compiled: bool):
         """CUDA: the decode step replayed from CUDA graphs; with compilation, its logits part is an inductor graph

@@ -13,7 +13,7 @@ import torch
 from chatterbox_fast.config import T3Config
 from chatterbox_fast.generation.cuda_graph import CUDAGraphDecodeStep, GraphedEstimator, graph_estimator
 from chatterbox_fast.generation.cuda_graph import ungraph_estimator
-from chatterbox_fast.generation.decode import KV_BUCKET, cache_len, generate_tokens, step_logits
+from chatterbox_fast.generation.decode import KV_BUCKET, cache_len, generate_tokens, kv_bucket, step_logits
 from chatterbox_fast.generation.sampling import SamplingParams
 from chatterbox_fast.models.s3gen.encoder import ConformerEncoderConfig
 from chatterbox_fast.models.s3gen.estimator import EstimatorConfig
@@ -52,10 +52,12 @@ def _prefill_x(model, S, device, dtype):
     return torch.randn(2, S, model.cfg.dim, generator=g).to(device=device, dtype=dtype)
 
 
-def test_cache_len_rounds_up_to_two_buckets():
-    assert cache_len(1) == 2 * KV_BUCKET
-    assert cache_len(2 * KV_BUCKET) == 2 * KV_BUCKET
-    assert cache_len(2 * KV_BUCKET + 1) == 4 * KV_BUCKET
+def test_cache_len_rounds_up_to_two_buckets_plus_a_spare_one():
+    assert cache_len(1) == 3 * KV_BUCKET
+    assert cache_len(2 * KV_BUCKET) == 3 * KV_BUCKET
+    assert cache_len(2 * KV_BUCKET + 1) == 5 * KV_BUCKET
+    for n in (1, 127, 128, 129, 256, 257, 1000):  # no decode bucket up to n positions spans the whole cache
+        assert kv_bucket(n, cache_len(n)) < cache_len(n)
 
 
 def test_graphed_estimator_is_the_plain_one_without_cuda():

@@ -45,6 +45,9 @@ class _StaticDecode:
 class CUDAGraphDecodeStep:
     """`step(model, token, state, noise, params, kv_len) -> next token (1,)`, replayed from CUDA graphs.
 
+    One graph per KV bucket and sampling setting (the processors' floats are baked into the graph; max_new_tokens is
+    not part of the step, so it does not multiply graphs).
+
     The first call with a new `DecodeState` copies its tensors into the graph's static buffers and rebinds the
     state's fields to them, so the caller's state stays the one that is advanced. The returned tensor is a static
     buffer: read (copy) it before the next call, as `generate_tokens` does.
@@ -129,7 +132,7 @@ class CUDAGraphDecodeStep:
         if cache != self._cache:  # setup_caches reallocated: the old graphs point at freed memory
             self.graphs.clear()
             self._cache = cache
-        key = (kv_len, params)
+        key = (kv_len, params.temperature, params.cfg_weight, params.repetition_penalty, params.min_p, params.top_p)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture_or_fall_back(s, params, kv_len)

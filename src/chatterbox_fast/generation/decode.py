@@ -31,9 +31,11 @@ class DecodeState:
 
 
 def cache_len(n: int) -> int:
-    """Cache length allocated for n positions: rounded up to a multiple of 2 * KV_BUCKET, so that requests of
-    similar length share one cache (and its compiled graphs / CUDA graphs) instead of reallocating."""
-    return -(-n // (2 * KV_BUCKET)) * (2 * KV_BUCKET)
+    """Cache length allocated for n positions: n rounded up to a multiple of 2 * KV_BUCKET, so that requests of
+    similar length share one cache (and its compiled graphs / CUDA graphs) instead of reallocating, plus one spare
+    bucket, so that the attention never reads the whole cache: a full-length slice is contiguous, which inductor
+    compiles as a graph of its own (minutes on a CPU) the first time a generation reaches it."""
+    return -(-n // (2 * KV_BUCKET)) * (2 * KV_BUCKET) + KV_BUCKET
 
 
 def kv_bucket(n_filled: int, max_seq: int) -> int:
