@@ -43,8 +43,13 @@ from chatterbox_fast.weights import load_strict, read_safetensors  # noqa: E402
 NOTE = "weights are random (oracle checkpoint, official shapes) and the prompt is synthetic: speed is unaffected"
 
 
+def _addmm_flop(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    """2*m*k*n for addmm_(self (m, n), a (m, k), b (k, n))."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def count_flops(fn) -> int:
-    """FLOPs of fn(): GEMMs/convs from FlopCounterMode (its SDPA entries dropped) + 4*B*H*Tq*Tk*D per SDPA call."""
+    """FLOPs of fn(): GEMMs/convs (addmm_ included) from FlopCounterMode (its SDPA entries dropped) + 4*B*H*Tq*Tk*D per SDPA call."""
     attn = [0]
     orig = F.scaled_dot_product_attention
 
@@ -55,7 +60,8 @@ def count_flops(fn) -> int:
 
     F.scaled_dot_product_attention = counting
     try:
-        with FlopCounterMode(display=False) as fc:
+        # FlopCounterMode knows aten.addmm but not the in-place addmm_ (our fused residual GEMMs, shifted convs).
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flop}) as fc:
             fn()
     finally:
         F.scaled_dot_product_attention = orig
