@@ -12,12 +12,14 @@ Scheme: per-output-channel symmetric int8, `w[n, :] ~= scale[n] * q[n, :]`, q in
 - the conditioning encoder, embeddings and `text_head`: run once per request (or never), not per token.
 
 Kernels (`Int8Linear.forward`):
-- CPU: `torch.ops.aten._weight_int8pack_mm(x_bf16, q, scale_bf16)`, activations cast to bf16 and the result back to
-  the model dtype. That kernel reads the int8 weight directly (no dequantised copy); with fp32 activations it takes
+- CPU, up to CPU_KERNEL_MAX_ROWS rows (decode): `torch.ops.aten._weight_int8pack_mm(x_bf16, q, scale_bf16)`,
+  activations cast to bf16 and the result back to the model dtype. That kernel reads the int8 weight directly (no dequantised copy); with fp32 activations it takes
   a slow path (~20x slower at batch 2, see BENCHMARKS.md), hence the bf16 round trip, which adds a bf16 rounding
   of the activations and of the output (relative 2^-9, below the int8 weight rounding).
-- elsewhere (CUDA, MPS), or a torch without the op: `F.linear(x, q.to(x.dtype)) * scale`, correct on every
-  device; torch.compile fuses the int8 -> float conversion into the GEMM's operand load on CUDA.
+- elsewhere (CUDA, MPS, a torch without the op) and for more rows (CPU prefill): `F.linear(x, q.to(x.dtype)) *
+  scale`, correct on every device. The float weight it makes is a temporary of one layer, freed after the call.
+  (On CUDA, whether torch.compile fuses the int8 -> float conversion into the GEMM is not measured yet: in
+  inductor's default mode the GEMM is an extern cuBLAS call, so the conversion is likely a kernel of its own.)
 fbgemm's dynamic int8 (`torch.ao.nn.quantized.dynamic.Linear`, activations quantised per tensor to uint8 on the
 fly) is about as fast on the CPU measured (benchmarks/t3_int8.py) but adds activation quantisation error and goes
 through torchbind packed parameters that dynamo cannot trace into a full graph, so it is not used.
@@ -29,6 +31,8 @@ float weight, fast but no longer int8; the CPU path never materialises a float w
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,11 @@ T3_INT8_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+# Rows (batch x positions) up to which the CPU int8 kernel is used. It is a GEMV-style kernel: at decode's 2 rows it
+# reads 4x fewer bytes than fp32, but it does not block for reuse, so past ~64 rows (prefill: 2 x ~100-300) it
+# falls behind a float GEMM on a weight dequantised for the call (measured on 4096 x 1024, 2 threads: 2 rows 3.6 vs
+# 5.0 ms fp32; 64 rows 19 vs 14; 324 rows 116 vs 41 ms, dequantise + fp32 GEMM 39 ms).
+CPU_KERNEL_MAX_ROWS = 64
 
 
 def check_quantize_mode(mode: str | None) -> str | None:
@@ -95,8 +104,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
-        if _HAS_INT8PACK and x.device.type == "cpu":
-            lead = x.shape[:-1]
+        lead = x.shape[:-1]
+        if _HAS_INT8PACK and x.device.type == "cpu" and math.prod(lead) <= CPU_KERNEL_MAX_ROWS:
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16)  # (M, N) bf16
             return y.to(x.dtype).view(*lead, self.out_features)
