@@ -13,21 +13,24 @@ Scheme: per-output-channel symmetric int8, `w[n, :] ~= scale[n] * q[n, :]`, q in
 
 Kernels (`Int8Linear.forward`):
 - CPU, up to CPU_KERNEL_MAX_ROWS rows (decode): `torch.ops.aten._weight_int8pack_mm(x_bf16, q, scale_bf16)`,
-  activations cast to bf16 and the result back to the model dtype. That kernel reads the int8 weight directly (no dequantised copy); with fp32 activations it takes
-  a slow path (~20x slower at batch 2, see BENCHMARKS.md), hence the bf16 round trip, which adds a bf16 rounding
-  of the activations and of the output (relative 2^-9, below the int8 weight rounding).
+  activations cast to bf16 and the result back to the model dtype. That kernel reads the int8 weight directly
+  (no dequantised copy); with fp32 activations it takes a slow path (~17x slower at batch 2, BENCHMARKS.md), hence
+  the bf16 round trip, which adds a bf16 rounding of the activations and of the output (relative 2^-9, below the
+  int8 weight rounding).
 - elsewhere (CUDA, MPS, a torch without the op) and for more rows (CPU prefill): `F.linear(x, q.to(x.dtype)) *
   scale`, correct on every device. The float weight it makes is a temporary of one layer, freed after the call.
   (On CUDA, whether torch.compile fuses the int8 -> float conversion into the GEMM is not measured yet: in
   inductor's default mode the GEMM is an extern cuBLAS call, so the conversion is likely a kernel of its own.)
-fbgemm's dynamic int8 (`torch.ao.nn.quantized.dynamic.Linear`, activations quantised per tensor to uint8 on the
-fly) is about as fast on the CPU measured (benchmarks/t3_int8.py) but adds activation quantisation error and goes
-through torchbind packed parameters that dynamo cannot trace into a full graph, so it is not used.
+fbgemm's dynamic int8 (`torch.ao.nn.quantized.dynamic.Linear`) is ~1.2x faster eager on the CPU measured (AVX-512
+VNNI, no native bf16; BENCHMARKS.md) but is not used: it quantises the activations too (per tensor, 7 bits: 2.2x
+the output error of one layer), torch has deprecated its quantised-tensor API, and its torchbind packed weights
+keep dynamo from one full graph; the compiled step below beats it anyway.
 
-Compilation: the CPU path keeps `_weight_int8pack_mm` in the graph (inductor lowers it to the same ATen kernel, or
-to its C++ GEMM template under max-autotune), so the compiled step reads the same int8 bytes. Trap avoided: with
-inductor freezing, a dequantise-then-matmul written in the graph (the fallback's form) is constant-folded back to a
-float weight, fast but no longer int8; the CPU path never materialises a float weight in the graph.
+Compilation: the CPU path keeps `_weight_int8pack_mm` in the graph; inductor lowers it to the same ATen kernel, or
+under max-autotune to its C++ micro-GEMM over the int8 weights (2.8x fp32 eager vs 2.0x with the default mode,
+BENCHMARKS.md), so the compiled step reads the same int8 bytes, and with freezing its constants stay int8. Trap
+avoided: with inductor freezing, a dequantise-then-matmul written in the graph (the fallback's form) is
+constant-folded back to a float weight, fast but no longer int8; the CPU decode path never writes that form.
 """
 
 from __future__ import annotations
