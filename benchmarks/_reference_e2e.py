@@ -22,27 +22,9 @@ from pathlib import Path
 
 import torch
 
+import common  # benchmarks/common.py (this script's folder is on sys.path when it is run as a script)
+
 START_SPEECH, STOP_SPEECH = 6561, 6562
-
-
-class Timer:
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.ms: dict[str, float] = {}
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def wrap(self, name: str, fn):
-        def timed(*args, **kwargs):
-            self.sync()
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.sync()
-            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
-            return out
-        return timed
 
 
 def main() -> None:
@@ -69,7 +51,7 @@ def main() -> None:
     t0 = time.perf_counter()
     tts = ChatterboxTTS.from_local(a.ckpt, device=a.device)
     result["load_s"] = time.perf_counter() - t0
-    timer = Timer(a.device)
+    timer = common.StageTimer(a.device.startswith("cuda"))
     st = {"calls": 0, "steps": 0}
 
     backend_forward = t3_hf_backend.T3HuggingfaceBackend.forward

@@ -53,6 +53,28 @@ def timeit(fn: Callable[[], Any], warmup: int = 2, iters: int = 10, sync: bool |
     return {"min_ms": min(times), "median_ms": statistics.median(times), "iters": iters}
 
 
+class StageTimer:
+    """Accumulated wall time per stage name (ms) of wrapped callables; with cuda=True each call is bracketed by
+    torch.cuda.synchronize(), so asynchronous GPU work lands in its own stage."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.ms: dict[str, float] = {}
+
+    def sync(self) -> None:
+        _sync(self.cuda)
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+            return out
+        return timed
+
+
 def measure_read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5, device: str = "cpu") -> float:
     """Read bandwidth in GB/s (1e9 bytes/s): size_bytes / best time of summing an fp32 tensor of that size."""
     numel = size_bytes // 4

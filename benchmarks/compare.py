@@ -60,27 +60,6 @@ def log(*a) -> None:
     print(*a, flush=True, file=sys.stderr)
 
 
-class Timer:
-    """Wraps callables to accumulate their wall time (synchronising CUDA around each call)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda, self.ms = cuda, {}
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def wrap(self, name, fn):
-        def timed(*args, **kwargs):
-            self.sync()
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.sync()
-            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
-            return out
-        return timed
-
-
 def mask_stop_and_start(decode_module):
     """Benchmark-only: the stop/start ids can never be drawn (fixed number of decode steps on random weights)."""
     orig = decode_module.process_logits
@@ -116,7 +95,7 @@ def run_ours(a, cases, mode: str) -> dict:
     res["load_s"] = time.perf_counter() - t0
     if cuda:
         res["gpu_after_load_gb"] = torch.cuda.memory_allocated() / 1e9
-    timer = Timer(cuda)
+    timer = common.StageTimer(cuda)
     orig_prefill, orig_gen_tokens = decode.prefill, eng.generate_tokens
     decode.prefill = timer.wrap("t3_prefill", orig_prefill)
     eng.generate_tokens = timer.wrap("t3", orig_gen_tokens)
