@@ -95,6 +95,7 @@ timeout "${COMPARE_TIMEOUT:-420}" $PY benchmarks/compare.py --ckpt-dir "$CKPT" -
 if [ -f benchmarks/inference.py ] && [ -z "${SKIP_INFERENCE:-}" ]; then
   log "inference.py: our modes alone"
   timeout "${INFERENCE_TIMEOUT:-200}" $PY benchmarks/inference.py --ckpt-dir "$CKPT" --device "$DEVICE" --quick \
+    --budget-s $(( ${INFERENCE_TIMEOUT:-200} - 20 )) ${INF_MODES:+--modes $INF_MODES} \
     --out "$OUT/inference_$DEVICE.json" 2>&1 | tail -25
 fi
 log "done"
