@@ -33,15 +33,13 @@ from chatterbox_fast.models.t3 import T3, T3_KEYMAP
 from chatterbox_fast.quantize import (QUANT_MODES, T3_INT8_TARGETS, Int8Linear, check_quantize_mode,
                                       int8_linear_bytes, quantize_t3, quantize_weight_int8)
 
+from helpers import skip_unless_compile_works, tiny_t3
+
 torch.set_grad_enabled(False)
 
 
 def _tiny(seed: int = 0) -> T3:
-    torch.manual_seed(seed)
-    model = T3(T3Config.tiny()).eval()
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.2)
-    return model
+    return tiny_t3(seed)
 
 
 def _bench():
@@ -161,12 +159,7 @@ def test_quantized_t3_generates_close_to_fp32():
 # ---- compiled decode step -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compile_works():
-    try:
-        torch._dynamo.reset()
-        out = torch.compile(lambda t: t * 2 + 1, fullgraph=True)(torch.ones(3))
-        assert torch.equal(out, torch.full((3,), 3.0))
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(f"torch.compile (inductor, CPU) is unavailable here: {type(err).__name__}: {err}")
+    skip_unless_compile_works()
 
 
 @pytest.mark.parametrize("freezing", [False, True])

@@ -21,12 +21,13 @@ from torch import nn
 
 from chatterbox_fast import OptimizedChatterboxTTS
 from chatterbox_fast.conditioning import Conditionals, GenCond, T3Cond
-from chatterbox_fast.config import T3Config
 from chatterbox_fast.constants import STOP_SPEECH
 from chatterbox_fast.generation.decode import generate_tokens
 from chatterbox_fast.generation.sampling import SamplingParams
 from chatterbox_fast.loading import Components
 from chatterbox_fast.models.t3 import T3
+
+import helpers
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "inference.py"
 sys.path.insert(0, str(_PATH.parent))  # its `import common`
@@ -63,11 +64,7 @@ class _Tokenizer:
 
 
 def tiny_t3() -> T3:
-    torch.manual_seed(0)
-    t3 = T3(T3Config.tiny()).eval()
-    for p in t3.parameters():
-        nn.init.normal_(p, std=0.2)
-    return t3
+    return helpers.tiny_t3()
 
 
 def tiny_loader(ckpt, device, options):

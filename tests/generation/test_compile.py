@@ -21,26 +21,19 @@ from chatterbox_fast.generation.decode import decode_one_token, generate_tokens,
 from chatterbox_fast.generation.sampling import SamplingParams, exponential_noise
 from chatterbox_fast.models.t3 import T3
 
+from helpers import skip_unless_compile_works, tiny_t3
+
 torch.set_grad_enabled(False)
 
 
 @pytest.fixture(scope="module")
 def compile_works():
-    try:
-        torch._dynamo.reset()
-        out = torch.compile(lambda t: t * 2 + 1, fullgraph=True)(torch.ones(3))
-        assert torch.equal(out, torch.full((3,), 3.0))
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(f"torch.compile (inductor, CPU) is unavailable here: {type(err).__name__}: {err}")
+    skip_unless_compile_works()
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = T3(T3Config.tiny()).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return model
+    return tiny_t3()
 
 
 def _x(model, S):

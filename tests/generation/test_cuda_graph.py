@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatterbox_fast.config import T3Config
 from chatterbox_fast.generation.cuda_graph import CUDAGraphDecodeStep, GraphedEstimator, graph_estimator
 from chatterbox_fast.generation.cuda_graph import ungraph_estimator
 from chatterbox_fast.generation.decode import KV_BUCKET, cache_len, generate_tokens, kv_bucket, step_logits
@@ -20,16 +19,14 @@ from chatterbox_fast.models.s3gen.estimator import EstimatorConfig
 from chatterbox_fast.models.s3gen.flow import FlowConfig, S3GenFlow, cosine_t_span, solve_euler_cfg
 from chatterbox_fast.models.t3 import T3
 
+from helpers import tiny_t3
+
 torch.set_grad_enabled(False)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_run.sh)")
 
 
 def _tiny_t3(device, dtype=torch.float32) -> T3:
-    torch.manual_seed(0)
-    model = T3(T3Config.tiny()).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return model.to(device=device, dtype=dtype)
+    return tiny_t3().to(device=device, dtype=dtype)
 
 
 def _tiny_flow() -> S3GenFlow:

@@ -5,22 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatterbox_fast.config import T3Config
 from chatterbox_fast.constants import START_SPEECH, STOP_SPEECH
 from chatterbox_fast.generation.decode import clean_speech_tokens, decode_one_token, generate_tokens
 from chatterbox_fast.generation.sampling import SamplingParams
-from chatterbox_fast.models.t3 import T3
+
+from helpers import tiny_t3
 
 torch.set_grad_enabled(False)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = T3(T3Config.tiny()).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return model
+    return tiny_t3()
 
 
 def _x(model, cfg_batch):
