@@ -25,12 +25,14 @@ def main() -> None:
     ap.add_argument("--voice", help="reference clip to clone")
     ap.add_argument("--out", type=Path, default=Path("out/example.wav"))
     ap.add_argument("--max-new-tokens", type=int, default=1000)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (warm-up at load)")
+    ap.add_argument("--bf16", action="store_true", help="mixed precision (CUDA)")
+    ap.add_argument("--quantize", choices=["int8"], help="weight-only int8 for T3's linears")
     ap.add_argument("--no-watermark", action="store_true")
     args = ap.parse_args()
 
-    opts = dict(device=args.device, enable_compilation=args.compile, use_mixed_precision=False,
-                enable_watermark=not args.no_watermark)
+    opts = dict(device=args.device, enable_compilation=args.compile, use_mixed_precision=args.bf16,
+                enable_watermark=not args.no_watermark, quantize=args.quantize)
     t0 = time.perf_counter()
     if args.ckpt_dir:
         model = OptimizedChatterboxTTS.from_local(args.ckpt_dir, **opts)

@@ -37,6 +37,8 @@ def _speak_parser(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="mixed precision (CUDA)")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for T3's linears (faster decode; drift "
                                                         "vs fp32 in BENCHMARKS.md)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step and the flow estimator "
+                   "eagerly instead of replaying CUDA graphs")
     p.add_argument("-v", "--verbose", action="store_true", help="progress and timings")
 
 
@@ -47,7 +49,7 @@ def _speak(args) -> int:
 
     text = sys.stdin.read() if args.text == "-" else args.text
     kw = dict(device=args.device, enable_compilation=args.compile, use_mixed_precision=args.bf16,
-              enable_watermark=not args.no_watermark, quantize=args.quantize)
+              enable_watermark=not args.no_watermark, quantize=args.quantize, cuda_graphs=not args.no_cuda_graphs)
     t0 = time.perf_counter()
     if args.ckpt_dir is not None:
         model = OptimizedChatterboxTTS.from_local(args.ckpt_dir, **kw)
