@@ -110,6 +110,17 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def rss_gb() -> float | None:
+    """Current resident set size of this process in GB (Linux /proc), None where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return None
+
+
 def machine_info() -> dict[str, Any]:
     """What a result was measured on: CPU, core counts, torch version and threads, GPU if CUDA is available."""
     info: dict[str, Any] = {

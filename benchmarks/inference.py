@@ -130,16 +130,6 @@ def bandwidth(device: torch.device, size_mb: int) -> dict[str, float]:
     return out
 
 
-def rss_gb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1e6
-    except OSError:
-        pass
-    return None
-
-
 def peak_memory(device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # KiB on Linux
     if device.type == "cuda":
@@ -388,7 +378,7 @@ def run_mode(name: str, args, result: dict[str, Any], save: Callable[[], None] =
     seen = [f"{w.category.__name__}: {w.message}" for w in caught
             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]  # torch's own noise
     result["load_warnings"] = list(dict.fromkeys(seen))
-    result["rss_gb_after_load"] = rss_gb()
+    result["rss_gb_after_load"] = common.rss_gb()
     if args.prompt_tokens:
         shorten_voice(engine, args.prompt_tokens)
     if engine.conds is None:

@@ -216,16 +216,6 @@ def release_memory() -> None:
         pass
 
 
-def rss_gb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1e6
-    except OSError:
-        pass
-    return float("nan")
-
-
 @torch.inference_mode()
 def time_prefill(model: T3, x: torch.Tensor) -> float:
     t0 = time.perf_counter()
@@ -339,10 +329,10 @@ def main(argv=None) -> None:
             impls[name] = {"error": f"compile failed, not timed: {o.step.fallback_reason}"}
             continue
         impls[name] = {"impl": f"ours ({name}: mode={o.mode}, freezing={o.freezing})", "compile_s": o.compile_s,
-                       "rss_gb_after_compile": rss_gb()}
+                       "rss_gb_after_compile": common.rss_gb()}
         ours[name] = o
         if o.compile_s is not None:
-            print(f"  compiled in {o.compile_s:.0f} s; process RSS {rss_gb():.1f} GB", flush=True)
+            print(f"  compiled in {o.compile_s:.0f} s; process RSS {common.rss_gb() or float('nan'):.1f} GB", flush=True)
 
     ref = None
     if not args.no_reference:

@@ -260,13 +260,13 @@ def run_decode(args, fp32: T3, int8: T3, x: torch.Tensor) -> dict:
     for name, model, mode in runs:
         model.setup_caches(2, max_seq)
         o = t3_decode.Ours(model, mode, S, dargs)
-        rss0 = t3_decode.rss_gb()
+        rss0 = common.rss_gb()
         if o.step.is_compiled:
             print(f"{name}: compiling ...", flush=True)
             o.compile(args.compile_timeout)
         impls[name] = {"ours": o, "compile_s": o.compile_s, "compiled": o.step.is_compiled,
                        "fallback_reason": o.step.fallback_reason, "rss_before_gb": rss0,
-                       "rss_after_gb": t3_decode.rss_gb(), "read_bytes_per_token": read_bytes_per_token(model)}
+                       "rss_after_gb": common.rss_gb(), "read_bytes_per_token": read_bytes_per_token(model)}
         if o.compile_s is not None:
             print(f"  compiled in {o.compile_s:.0f} s (compiled={o.step.is_compiled}); RSS {rss0:.2f} -> "
                   f"{impls[name]['rss_after_gb']:.2f} GB", flush=True)
@@ -329,13 +329,13 @@ def main(argv=None) -> None:
         fp32 = t3_decode.load_ours(args.ckpt)
         x = t3_decode.prefill_input(fp32, args.ckpt, args.text_len)
         t3_decode.release_memory()
-        rss0 = t3_decode.rss_gb()
+        rss0 = common.rss_gb()
         int8 = quantize_t3(t3_decode.load_ours(args.ckpt))
         t3_decode.release_memory()
         data["resident"] = {
             "int8_linear_bytes": int8_linear_bytes(int8), "float_linear_bytes_left": float_linear_bytes(int8),
             "fp32_linear_bytes": float_linear_bytes(fp32), "rss_gb_fp32_only": rss0,
-            "rss_gb_with_int8_model": t3_decode.rss_gb(),
+            "rss_gb_with_int8_model": common.rss_gb(),
         }
         print(f"resident: int8 linears {data['resident']['int8_linear_bytes'] / 1e9:.3f} GB (float left: "
               f"{data['resident']['float_linear_bytes_left']}); RSS {rss0:.2f} -> "
