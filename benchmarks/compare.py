@@ -16,6 +16,8 @@ runs in this process, one engine per mode:
   graphs      fp32 + CUDA graphs of the eager kernels (CUDA only)
   bf16        use_mixed_precision (bf16 T3 and estimator) + CUDA graphs (CUDA only)
   bf16-compiled  bf16 + compilation + CUDA graphs (CUDA only)
+  int8-compiled  compiled + quantize="int8" (weight-only int8 T3 linears; changes the numbers, opt-in)
+  int8-compiled-cfm5  int8-compiled + cfm_steps=5 (half the flow's Euler steps; changes the numbers, opt-in)
 usage: python benchmarks/compare.py --ckpt-dir DIR [--device cuda] [--modes eager,bf16] [--cases short,medium,long]
 """
 
@@ -44,12 +46,14 @@ TEXTS = {
              "after sentence, keeping its pace even, its pauses natural, and its tone warm, so that a listener can "
              "follow the story for hours without getting tired.", 470),
 }
-MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs)
-    "eager": (False, False, False),
-    "compiled": (True, False, True),
-    "graphs": (False, False, True),
-    "bf16": (False, True, True),
-    "bf16-compiled": (True, True, True),
+MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quantize, cfm_steps)
+    "eager": (False, False, False, None, None),
+    "compiled": (True, False, True, None, None),
+    "graphs": (False, False, True, None, None),
+    "bf16": (False, True, True, None, None),
+    "bf16-compiled": (True, True, True, None, None),
+    "int8-compiled": (True, False, True, "int8", None),
+    "int8-compiled-cfm5": (True, False, True, "int8", 5),
 }
 STOP_SPEECH, START_SPEECH = 6562, 6561
 DEFAULT_REF_PYTHON = Path(os.environ.get("CHATTERBOX_FAST_ORACLE_DIR",
@@ -78,11 +82,11 @@ def run_ours(a, cases, mode: str) -> dict:
     from chatterbox_fast import OptimizedChatterboxTTS
     from chatterbox_fast.generation import decode
 
-    compiled, bf16, graphs = MODES[mode]
+    compiled, bf16, graphs, quantize, cfm_steps = MODES[mode]
     cuda = a.device.startswith("cuda")
     if not cuda and (graphs and not compiled or bf16):
         return {"skipped": f"mode {mode} is CUDA-only"}
-    res = {"impl": "ours", "mode": mode, "cases": {}}
+    res = {"impl": "ours", "mode": mode, "quantize": quantize, "cfm_steps": cfm_steps or 10, "cases": {}}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -91,7 +95,7 @@ def run_ours(a, cases, mode: str) -> dict:
         warnings.simplefilter("ignore")
         eng = OptimizedChatterboxTTS.from_local(a.ckpt_dir, device=a.device, enable_compilation=compiled,
                                                 use_mixed_precision=bf16, enable_watermark=a.watermark,
-                                                cuda_graphs=graphs)
+                                                cuda_graphs=graphs, quantize=quantize)
     res["load_s"] = time.perf_counter() - t0
     if cuda:
         res["gpu_after_load_gb"] = torch.cuda.memory_allocated() / 1e9
@@ -121,7 +125,7 @@ def run_ours(a, cases, mode: str) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                 timer.sync()
                 t = time.perf_counter()
-                wav = eng.generate(text, max_new_tokens=steps, seed=a.seed + r)
+                wav = eng.generate(text, max_new_tokens=steps, seed=a.seed + r, cfm_steps=cfm_steps)
                 timer.sync()
                 total = (time.perf_counter() - t) * 1e3
                 log(f"  ours/{mode} {name} run {r}: {total:.0f} ms, {wav.shape[-1] / eng.sr:.2f} s audio")

@@ -39,6 +39,8 @@ def _speak_parser(sub) -> None:
                                                         "vs fp32 in BENCHMARKS.md)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step and the flow estimator "
                    "eagerly instead of replaying CUDA graphs")
+    p.add_argument("--cfm-steps", type=int, help="S3Gen flow-matching steps (default 10 = the reference's, exact); "
+                   "fewer is faster and changes the audio (opt-in, see BENCHMARKS.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="progress and timings")
 
 
@@ -72,7 +74,7 @@ def _speak(args) -> int:
     wav = model.generate(text, exaggeration=args.exaggeration, cfg_weight=args.cfg_weight,
                          temperature=args.temperature, repetition_penalty=args.repetition_penalty,
                          min_p=args.min_p, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                         verbose=args.verbose)
+                         verbose=args.verbose, cfm_steps=args.cfm_steps)
     t_gen = time.perf_counter() - t0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     sf.write(args.output, wav.squeeze(0).numpy(), model.sr, subtype="PCM_16")

@@ -26,6 +26,20 @@ logger = logging.getLogger(__name__)
 WARM_POSITIONS = 1100  # KV-cache positions allocated at warm-up: conditioning 34 + text + 1000 new tokens
 
 
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc's malloc_trim; torch's CPU allocator frees into malloc's arenas,
+    which keep mid-sized blocks such as the per-layer KV-cache tensors). No-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
+
+
 def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -101,6 +115,7 @@ class OptimizedChatterboxTTS:
     """Chatterbox TTS engine. Build it with `from_pretrained` (downloads) or `from_local` (a folder)."""
 
     sr = S3GEN_SR
+    release_kv_cache = True  # CPU: free the KV cache after each generation's T3 stage (see _release_kv_cache)
 
     def __init__(self, parts: Components, device: torch.device, *, enable_compilation: bool = False,
                  use_mixed_precision: bool = False, enable_watermark: bool = True, cuda_graphs: bool = True):
@@ -138,6 +153,7 @@ class OptimizedChatterboxTTS:
         self.t3.setup_caches(2, cache_len(WARM_POSITIONS))
         if isinstance(self._step_fn, CompiledStep):
             self._step_fn.warm_up(2)
+            self._release_kv_cache()
         elif self._step_fn is not None and self.conds is not None:  # CUDA graphs: one short request
             ids = self.tokenizer.prepare("Warm up.").ids
             self.generate_tokens(ids, self.conds, SamplingParams(max_new_tokens=4))
@@ -231,11 +247,15 @@ class OptimizedChatterboxTTS:
     def generate(self, text: str, audio_prompt_path=None, exaggeration: float = 0.5, cfg_weight: float = 0.5,
                  temperature: float = 0.8, repetition_penalty: float = 1.2, min_p: float = 0.05,
                  top_p: float = 1.0, max_new_tokens: int = 1000, seed: int | None = None,
-                 verbose: bool = False) -> Tensor:
+                 verbose: bool = False, cfm_steps: int | None = None) -> Tensor:
         """Speak `text`. Returns a float32 tensor (1, n) at `self.sr` (24 kHz).
 
         Same defaults as the reference `ChatterboxTTS.generate`. `seed` makes a run reproducible.
+        `cfm_steps` (opt-in, changes the output): Euler steps of S3Gen's flow matching instead of the reference's
+        10; the flow's time scales with it (5 steps: about half), at a drift from the exact mel that BENCHMARKS.md
+        measures. None = 10, exact.
         """
+        _check_cfm_steps(cfm_steps)
         params = SamplingParams(temperature=temperature, cfg_weight=cfg_weight,
                                 repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p,
                                 max_new_tokens=max_new_tokens)
@@ -248,7 +268,7 @@ class OptimizedChatterboxTTS:
                                "prepare_conditionals first")
         gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         tokens = self.generate_tokens(enc.ids, self.conds.with_exaggeration(exaggeration), params, gen, verbose)
-        wav = self.tokens_to_wav(tokens, generator=gen)
+        wav = self.tokens_to_wav(tokens, generator=gen, cfm_steps=cfm_steps)
         return self._finish(wav)
 
     @torch.inference_mode()
@@ -261,21 +281,33 @@ class OptimizedChatterboxTTS:
                               torch.tensor([c.exaggeration], device=self.device, dtype=dt))
         x = t3.prefill_embeds(cond, text_ids.to(self.device), cfg_batch=params.use_cfg)
         progress = _Progress(params.max_new_tokens) if verbose else None
-        raw = generate_tokens(t3, x, params, generator=generator, step_fn=self._step_fn, on_token=progress)
+        try:
+            raw = generate_tokens(t3, x, params, generator=generator, step_fn=self._step_fn, on_token=progress)
+        finally:
+            self._release_kv_cache()
         if progress is not None:
             progress.close()
         return clean_speech_tokens(raw)
 
+    def _release_kv_cache(self) -> None:
+        """CPU: free T3's KV cache while S3Gen runs and between requests (peak RSS: the cache and the vocoder's
+        buffers are never held at once); the next request allocates it again at the same size (~0.1 s). On CUDA it
+        stays: the CUDA graphs are bound to its addresses."""
+        if self.device.type == "cpu" and self.release_kv_cache:
+            self.t3.release_caches()
+            _trim_heap()
+
     @torch.inference_mode()
     def tokens_to_wav(self, speech_tokens: Tensor, conds: Conditionals | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, cfm_steps: int | None = None) -> Tensor:
         """S3Gen only: speech tokens (n,) -> wav (1, samples) at 24 kHz (trim-faded, not watermarked)."""
+        _check_cfm_steps(cfm_steps)
         g = (conds or self.conds).gen
         if speech_tokens.numel() == 0:
             logger.warning("T3 produced no valid speech tokens; returning silence")
             return torch.zeros(1, 0)
         return self.s3gen.inference(speech_tokens.to(self.device), g.prompt_token, g.prompt_feat, g.embedding,
-                                    generator=generator)
+                                    generator=generator, n_timesteps=cfm_steps)
 
     def _finish(self, wav: Tensor) -> Tensor:
         wav = wav.float().cpu()
@@ -283,6 +315,14 @@ class OptimizedChatterboxTTS:
             marked = self.watermarker.apply_watermark(wav.squeeze(0).numpy(), sample_rate=self.sr)
             wav = torch.from_numpy(np.ascontiguousarray(marked, dtype=np.float32)).unsqueeze(0)
         return wav
+
+
+MAX_CFM_STEPS = 100
+
+
+def _check_cfm_steps(n) -> None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CFM_STEPS):
+        raise ValueError(f"cfm_steps must be None (10, exact) or an int in [1, {MAX_CFM_STEPS}], got {n!r}")
 
 
 def _check_exaggeration(x) -> None:

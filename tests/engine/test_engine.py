@@ -80,10 +80,24 @@ def test_bad_text_is_rejected_clearly(tts, text, exc):
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_p=2.0), dict(min_p=-1), dict(cfg_weight=-1),
-                                dict(repetition_penalty=0), dict(max_new_tokens=0), dict(exaggeration=-1)])
+                                dict(repetition_penalty=0), dict(max_new_tokens=0), dict(exaggeration=-1),
+                                dict(cfm_steps=0), dict(cfm_steps=2.5), dict(cfm_steps=True), dict(cfm_steps=101)])
 def test_bad_parameters_are_rejected(tts, kw):
     with pytest.raises(ValueError):
         tts.generate("Fine text.", **kw)
+
+
+def test_cfm_steps_is_opt_in(tts, oracle_ckpt, oracle_fixture):
+    """None and 10 give the exact (reference) waveform; fewer steps give another one of the same length."""
+    ref = oracle_fixture("pipeline", "generate")
+    tts.set_voice(oracle_ckpt / "conds.pt")
+    tokens = ref["speech_tokens"].long()[:20]
+    outs = {}
+    for n in (None, 10, 4):
+        outs[n] = tts.tokens_to_wav(tokens, generator=torch.Generator().manual_seed(3), cfm_steps=n)
+    assert torch.equal(outs[None], outs[10])
+    assert outs[4].shape == outs[10].shape
+    assert (outs[4] - outs[10]).abs().max() > 1e-3
 
 
 def _write(path, wav, sr, subtype="FLOAT"):

@@ -107,6 +107,26 @@ def test_default_compiled_step_matches_eager(tiny, compile_works):
     assert torch.equal(ours, ref)
 
 
+def test_released_kv_cache_comes_back_at_its_size_without_recompiling(tiny, compile_works):
+    """The engine frees the KV cache after T3 on CPU (peak RSS); the next generation re-creates it with the same
+    shapes, so the warmed-up graphs are reused and the tokens do not change."""
+    S, n = 30, 110
+    params = SamplingParams(max_new_tokens=n)
+    x = _x(tiny, S)
+    tiny.setup_caches(2, 256)
+    step = compile_decode_step(tiny)
+    step.warm_up(2, params)
+    warmed = _graphs()
+    first = generate_tokens(tiny, x, params, generator=torch.Generator().manual_seed(5), step_fn=step)
+    tiny.release_caches()
+    assert not tiny.caches_allocated and tiny.max_seq == 256
+    again = generate_tokens(tiny, x, params, generator=torch.Generator().manual_seed(5), step_fn=step)
+    assert tiny.caches_allocated and tiny.max_seq == 256
+    assert step.is_compiled, step.fallback_reason
+    assert _graphs() == warmed, "re-created cache recompiled the step"
+    assert torch.equal(first, again)
+
+
 def test_step_scope_matches_eager(tiny, compile_works):
     """The whole decode_one_token compiled (processors, draw and state update in the graph)."""
     torch._dynamo.reset()

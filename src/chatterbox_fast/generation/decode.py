@@ -106,6 +106,8 @@ def generate_tokens(
     n_max = params.max_new_tokens
     if S + n_max > model.max_seq or B != model.max_batch:
         model.setup_caches(B, cache_len(S + n_max))
+    elif not model.caches_allocated:  # released after the last generation: back at the same size
+        model.setup_caches(B, model.max_seq)
     if eos_check_every is None:
         eos_check_every = 1 if device.type == "cpu" else 16
     step = step_fn or decode_one_token

@@ -188,15 +188,33 @@ class T3(nn.Module):
 
     # ---- caches -------------------------------------------------------------------------------------------
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
-        """Allocate the static KV cache and the RoPE table (no-op if the current ones are large enough)."""
-        if max_batch == self.max_batch and max_seq <= self.max_seq:
+        """Allocate the static KV cache and the RoPE table (no-op if the current ones are large enough). After
+        `release_caches` the cache comes back at its previous size (same shapes: compiled graphs stay valid)."""
+        fits = max_batch == self.max_batch and max_seq <= self.max_seq
+        if fits and self.caches_allocated:
             return
+        max_seq = self.max_seq if fits else max_seq
         w = self.speech_head.weight
-        for layer in self.tfmr.layers:
-            layer.self_attn.kv_cache = KVCache(max_batch, self.cfg.n_heads, max_seq, self.cfg.head_dim,
-                                               w.dtype, w.device)
-        self.register_buffer("rope", rope_table(self.cfg, max_seq, w.device), persistent=False)
+        # normal tensors even when called under inference mode (generate_tokens): compiled graphs guard on the
+        # dispatch keys of their inputs, so a cache re-created in another mode would compile them again
+        with torch.inference_mode(False):
+            for layer in self.tfmr.layers:
+                layer.self_attn.kv_cache = KVCache(max_batch, self.cfg.n_heads, max_seq, self.cfg.head_dim,
+                                                   w.dtype, w.device)
+            if not fits:
+                self.register_buffer("rope", rope_table(self.cfg, max_seq, w.device), persistent=False)
         self.max_batch, self.max_seq = max_batch, max_seq
+
+    @property
+    def caches_allocated(self) -> bool:
+        return self.tfmr.layers[0].self_attn.kv_cache is not None
+
+    def release_caches(self) -> None:
+        """Free the KV cache between generations (2 x 30 layers x batch x max_seq x 1024 floats: 0.7 GB for the
+        engine's 1408 positions in fp32), keeping its size for the next `setup_caches`. Every generation overwrites
+        the slots it reads (prefill, then one slot per step), so a fresh zeroed cache changes no output."""
+        for layer in self.tfmr.layers:
+            layer.self_attn.kv_cache = None
 
     # ---- embeddings ---------------------------------------------------------------------------------------
     def cond_embeds(self, speaker_emb: Tensor, prompt_tokens: Tensor | None, exaggeration: Tensor) -> Tensor:
