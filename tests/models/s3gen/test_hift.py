@@ -333,3 +333,19 @@ def test_source_depends_on_f0_and_phases():
     assert not torch.allclose(s1, s2)
     assert torch.allclose(s3, s3[..., :1].expand_as(s3))  # unvoiced, no noise: constant tanh(bias)
     assert math.isfinite(s1.abs().sum().item())
+
+
+def test_inplace_snake_is_bit_identical_to_the_reference_formula():
+    from chatterbox_fast.models.s3gen.hift import Snake
+
+    torch.manual_seed(0)
+    act = Snake(16)
+    with torch.no_grad():
+        act.alpha.uniform_(0.2, 3.0)
+    x = torch.randn(2, 16, 301) * 4
+    with torch.no_grad():
+        fast = act(x)  # the in-place inference path
+    with torch.enable_grad():
+        ref = act(x)  # the reference's op order (autograd-safe path)
+    assert torch.equal(fast, ref.detach())
+    assert not torch.equal(fast, x)

@@ -77,8 +77,10 @@ class Snake(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, C, T)
         alpha = self.alpha[None, :, None]
-        # same op order as the reference, so results are bit-identical on the same device
-        return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
+        # same ops as the reference (a + b and a * b commute exactly), so results are bit-identical on the same device
+        if torch.is_grad_enabled():
+            return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
+        return (x * alpha).sin_().pow_(2).mul_(1.0 / (alpha + 1e-9)).add_(x)  # one (B, C, T) buffer, not four
 
 
 class ResBlock(nn.Module):
@@ -97,7 +99,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, C, T)
         for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
-            x = conv2(act2(conv1(act1(x)))) + x
+            x = conv2(act2(conv1(act1(x)))).add_(x)  # conv2's output is fresh: add in place
         return x
 
 
@@ -227,8 +229,8 @@ class HiFTGenerator(nn.Module):
             x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
             xs = self.resblocks[i * n_k](x)
             for j in range(1, n_k):
-                xs = xs + self.resblocks[i * n_k + j](x)
-            x = xs / n_k
+                xs = xs.add_(self.resblocks[i * n_k + j](x))  # xs is a fresh resblock output
+            x = xs.div_(n_k)
         x = F.leaky_relu(x)  # default slope 0.01 (sic)
         x = self.conv_post(x).float()  # (B, 18, 120 T + 1)
         magnitude = torch.clip(torch.exp(x[:, : cfg.n_bins]), max=1e2)
