@@ -12,11 +12,16 @@ Scheme: per-output-channel symmetric int8, `w[n, :] ~= scale[n] * q[n, :]`, q in
 - the conditioning encoder, embeddings and `text_head`: run once per request (or never), not per token.
 
 Kernels (`Int8Linear.forward`):
-- CPU, up to CPU_KERNEL_MAX_ROWS rows (decode): `torch.ops.aten._weight_int8pack_mm(x_bf16, q, scale_bf16)`,
-  activations cast to bf16 and the result back to the model dtype. That kernel reads the int8 weight directly
-  (no dequantised copy); with fp32 activations it takes a slow path (~17x slower at batch 2, BENCHMARKS.md), hence
-  the bf16 round trip, which adds a bf16 rounding of the activations and of the output (relative 2^-9, below the
-  int8 weight rounding).
+- CPU, up to CPU_KERNEL_MAX_ROWS rows (decode), fp32 activations: our C++ kernel
+  `torch.ops.chatterbox_fast.int8_linear` (kernels/cpu_linear.cpp, compiled on first use, cached): it reads the int8
+  weight, widens it to fp32 in registers and accumulates in fp32 over the unrounded fp32 activations, so its result
+  is the dequantised weight's fp32 product (to summation order). ~1.6x faster than `_weight_int8pack_mm` over T3's
+  210 linears at batch 2 on the 2-core AVX-512 machine (BENCHMARKS.md).
+- CPU decode without that kernel (no compiler, CHATTERBOX_FAST_CPU_KERNELS=0):
+  `torch.ops.aten._weight_int8pack_mm(x_bf16, q, scale_bf16)`, activations cast to bf16 and the result back to the
+  model dtype. That kernel reads the int8 weight directly (no dequantised copy); with fp32 activations it takes a
+  slow path (~17x slower at batch 2, BENCHMARKS.md), hence the bf16 round trip, which adds a bf16 rounding of the
+  activations and of the output (relative 2^-9, below the int8 weight rounding).
 - elsewhere (CUDA, MPS, a torch without the op) and for more rows (CPU prefill): `F.linear(x, q.to(x.dtype)) *
   scale`, correct on every device. The float weight it makes is a temporary of one layer, freed after the call.
   (On CUDA, whether torch.compile fuses the int8 -> float conversion into the GEMM is not measured yet: in
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels as cpu_kernels
 from .models.t3 import T3
 
 QUANT_MODES = ("int8",)
@@ -108,7 +114,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
         lead = x.shape[:-1]
-        if _HAS_INT8PACK and x.device.type == "cpu" and math.prod(lead) <= CPU_KERNEL_MAX_ROWS:
+        rows = math.prod(lead)
+        if x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_ROWS and x.dtype == torch.float32 \
+                and cpu_kernels.available():
+            x2 = x.reshape(rows, self.in_features).contiguous()  # (M, K)
+            y = torch.ops.chatterbox_fast.int8_linear(x2, self.weight_int8, self.scale)  # (M, N) fp32
+            return y.view(*lead, self.out_features)
+        if _HAS_INT8PACK and x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_ROWS:
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16)  # (M, N) bf16
             return y.to(x.dtype).view(*lead, self.out_features)
@@ -123,12 +135,16 @@ def quantize_t3(model: T3, mode: str = "int8") -> T3:
 
     Each float weight is dropped as soon as its int8 copy exists (peak extra memory: one layer's temporaries), so
     once nothing else holds the loaded tensors, the resident T3 linear weights are int8 (+ scales). Quantising an
-    already quantised model is a no-op. Call before compiling the decode step or capturing CUDA graphs.
+    already quantised model is a no-op. Call before compiling the decode step or capturing CUDA graphs. For a model
+    on the CPU this also builds/loads the C++ decode kernel (kernels/, cached; ~15 s the first time on a machine),
+    so that tracing later never has to.
     """
     if check_quantize_mode(mode) is None:
         raise ValueError(f"quantize_t3 needs a mode from {QUANT_MODES}, got None")
     if not isinstance(model, T3):
         raise TypeError(f"model must be a T3, got {type(model).__name__}")
+    if model.speech_head.weight.device.type == "cpu":
+        cpu_kernels.load()
     with torch.no_grad():
         for layer in model.tfmr.layers:
             for path in T3_INT8_TARGETS:

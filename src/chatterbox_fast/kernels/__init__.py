@@ -1,0 +1,166 @@
+"""Optional C++ CPU kernels (`cpu_linear.cpp`): weight-only int8 and bf16 linears for T3's decode step.
+
+They are compiled from source on first use with the system C++ compiler (the one torch.compile's CPU backend also
+needs), against the installed torch's headers, and cached under `~/.cache/chatterbox-fast/kernels/<hash>/` (the
+hash covers the source, torch's version, the compiler and the flags, so a torch upgrade rebuilds). Build once:
+~15 s on a 2-core machine. If anything fails (no compiler, no headers, a torch whose C++ API differs), `load()`
+logs one warning and returns False, and callers keep their pure-PyTorch path: the package never needs these.
+
+Ops, registered by the shared library (TORCH_LIBRARY, so the dispatcher calls them from C++ and torch.compile keeps
+them in one graph as extern calls; fake implementations below give their output shapes):
+- `torch.ops.chatterbox_fast.int8_linear(x (M, K) f32, w (N, K) int8, scale (N,) f32) -> (M, N) f32`
+- `torch.ops.chatterbox_fast.bf16_linear(x (M, K) f32, w (N, K) bf16) -> (M, N) f32`
+Both accumulate in fp32 over fp32 activations: the only rounding is the stored weight's.
+
+Environment:
+- CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).
+- CHATTERBOX_FAST_CPU_ISA=avx512|avx2|scalar forces the instruction set of the build (default: what torch reports
+  for this CPU, `torch.backends.cpu.get_cpu_capability()`); used by the tests to check every build.
+- CXX: the compiler (default `c++`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+ISA_FLAGS = {
+    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"),
+    "avx2": ("-mavx2", "-mfma"),
+    "scalar": (),
+}
+BUILD_TIMEOUT_S = 600
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "isa": None, "error": None}
+
+
+def default_isa() -> str:
+    """The ISA to build for: CHATTERBOX_FAST_CPU_ISA, else torch's view of this CPU (AVX512 / AVX2 / other)."""
+    forced = os.environ.get("CHATTERBOX_FAST_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced not in ISA_FLAGS:
+            raise ValueError(f"CHATTERBOX_FAST_CPU_ISA must be one of {sorted(ISA_FLAGS)}, got {forced!r}")
+        return forced
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if cap.startswith("AVX512"):
+        return "avx512"
+    return "avx2" if cap.startswith("AVX2") else "scalar"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "chatterbox-fast" / "kernels"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or "c++"
+    path = shutil.which(cxx)
+    if path is None:
+        raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH; set CXX)")
+    return path
+
+
+def _compiler_version(cxx: str) -> str:
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+def build_command(src: Path, out: Path, isa: str, cxx: str, std: str) -> list[str]:
+    """The compiler command line: a shared library against torch's headers and libraries, for one ISA."""
+    root = Path(torch.__file__).resolve().parent
+    includes = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
+    libdir = root / "lib"
+    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
+    return [cxx, "-O3", f"-std={std}", "-fPIC", "-shared", "-fopenmp", "-DNDEBUG", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *ISA_FLAGS[isa],
+            *[f"-I{p}" for p in includes if p.is_dir()], str(src), "-o", str(out),
+            f"-L{libdir}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libdir}"]
+
+
+def _build(isa: str) -> Path:
+    """Compile (or find in the cache) the library for `isa`; returns its path."""
+    cxx = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), _compiler_version(cxx).encode(),
+                                     isa.encode(), " ".join(ISA_FLAGS[isa]).encode()])).hexdigest()[:16]
+    target = cache_root() / f"{key}-{isa}" / "cbf_cpu_linear.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for std in ("c++20", "c++17"):  # torch >= 2.13's headers want C++20 features; older ones build as C++17
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = build_command(SOURCE, Path(tmp), isa, cxx, std)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if res.returncode == 0:
+            os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
+            return target
+        os.unlink(tmp)
+        errors.append(f"-std={std}: {res.stderr.strip()[-2000:]}")
+    raise RuntimeError("compiling cpu_linear.cpp failed:\n" + "\n".join(errors))
+
+
+def _register_fakes() -> None:
+    """Output shapes for tracing (torch.compile, meta tensors): (M, K) x (N, K) -> (M, N) float32."""
+    @torch.library.register_fake("chatterbox_fast::int8_linear")
+    def _int8_linear_fake(x, w, scale):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("chatterbox_fast::bf16_linear")
+    def _bf16_linear_fake(x, w):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def load() -> bool:
+    """Build (once, cached) and load the CPU kernels; True when `torch.ops.chatterbox_fast.*` can be called.
+
+    Never raises for a failed build: it logs one warning with the reason and returns False (see `error()`).
+    """
+    with _lock:
+        if _state["tried"]:
+            return _state["ok"]
+        _state["tried"] = True
+        if os.environ.get("CHATTERBOX_FAST_CPU_KERNELS", "1").strip() in ("0", "false", "no", "off"):
+            _state["error"] = "disabled by CHATTERBOX_FAST_CPU_KERNELS"
+            return False
+        try:
+            isa = default_isa()
+            path = _build(isa)
+            torch.ops.load_library(str(path))
+            _register_fakes()
+        except Exception as e:  # noqa: BLE001 -- any failure means: use the pure-PyTorch path
+            _state["error"] = f"{type(e).__name__}: {e}"
+            logger.warning("chatterbox_fast CPU kernels unavailable, using the PyTorch fallback (%s)",
+                           _state["error"].splitlines()[0])
+            return False
+        _state.update(ok=True, isa=isa)
+        logger.info("chatterbox_fast CPU kernels loaded (%s, %s)", isa, path)
+        return True
+
+
+def available() -> bool:
+    """True when the kernels are loaded (does not try to build: call `load()` first)."""
+    return _state["ok"]
+
+
+def isa() -> str | None:
+    """The ISA of the loaded build ('avx512', 'avx2', 'scalar'), or None."""
+    return _state["isa"]
+
+
+def error() -> str | None:
+    """Why the kernels are not available, if `load()` failed or was disabled."""
+    return _state["error"]
