@@ -15,7 +15,8 @@ runs in this process, one engine per mode:
   compiled    fp32 + enable_compilation (CPU: inductor decode step; CUDA: inductor kernels inside CUDA graphs)
   graphs      fp32 + CUDA graphs of the eager kernels (CUDA only)
   bf16        use_mixed_precision (bf16 T3 and estimator) + CUDA graphs (CUDA only)
-  bf16-compiled  bf16 + compilation + CUDA graphs (CUDA only)
+  bf16-compiled  bf16 + compilation + CUDA graphs; on CPU: use_mixed_precision = bf16 T3 weights, fp32 math
+                 (changes the numbers slightly, opt-in)
   int8-compiled  compiled + quantize="int8" (weight-only int8 T3 linears; changes the numbers, opt-in)
   int8-compiled-cfm5  int8-compiled + cfm_steps=5 (half the flow's Euler steps; changes the numbers, opt-in)
 usage: python benchmarks/compare.py --ckpt-dir DIR [--device cuda] [--modes eager,bf16] [--cases short,medium,long]
@@ -84,7 +85,7 @@ def run_ours(a, cases, mode: str) -> dict:
 
     compiled, bf16, graphs, quantize, cfm_steps = MODES[mode]
     cuda = a.device.startswith("cuda")
-    if not cuda and (graphs and not compiled or bf16):
+    if not cuda and (graphs and not compiled or bf16 and not compiled):
         return {"skipped": f"mode {mode} is CUDA-only"}
     res = {"impl": "ours", "mode": mode, "quantize": quantize, "cfm_steps": cfm_steps or 10, "cases": {}}
     if cuda:

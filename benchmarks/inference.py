@@ -73,7 +73,7 @@ EXAGGERATION = 0.5
 PRECISIONS = {"fp32": {}, "bf16": {"use_mixed_precision": True}, "int8": {"quantize": "int8"}}
 MODES = {f"{c}-{p}": {"enable_compilation": c == "compiled", **opts}
          for c in ("eager", "compiled") for p, opts in PRECISIONS.items()}
-DEFAULT_MODES = {"cpu": "eager-fp32,compiled-fp32",  # bf16 is a no-op on CPU (the engine says so)
+DEFAULT_MODES = {"cpu": "eager-fp32,compiled-fp32",  # on CPU bf16 = bf16 T3 weights, fp32 math (compiled-bf16)
                  "cuda": "eager-fp32,compiled-bf16,eager-bf16,compiled-fp32,compiled-int8"}  # most telling first
 
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 import t3_decode  # noqa: E402
+from chatterbox_fast import kernels as cpu_kernels  # noqa: E402
 from chatterbox_fast.config import T3Config  # noqa: E402
 from chatterbox_fast.generation.sampling import SamplingParams, process_logits  # noqa: E402
 from chatterbox_fast.models.t3 import T3  # noqa: E402
@@ -92,6 +93,10 @@ def time_kernels(cfg: T3Config, batch: int, rounds: int, skip_slow: bool) -> dic
         "int8pack_mm fp32 act": (q8, lambda w, x: int8pack(x, w[0], w[1]), True),
         "dequant + fp32 F.linear": (q8, lambda w, x: F.linear(x, w[0].float()) * w[1], True),
     }
+    if cpu_kernels.load():  # ours (src/chatterbox_fast/kernels/cpu_linear.cpp): fp32 activations, fp32 math
+        ops = torch.ops.chatterbox_fast
+        kernels["ours int8 (cpu_linear)"] = (q8, lambda w, x: ops.int8_linear(x, w[0], w[1]), False)
+        kernels["ours bf16 weights (cpu_linear)"] = (lambda w: w.bfloat16(), lambda w, x: ops.bf16_linear(x, w), False)
     if skip_slow:
         kernels = {k: v for k, v in kernels.items() if not v[2]}
     out: dict = {}

@@ -33,8 +33,9 @@ from chatterbox_fast.config import T3Config
 from chatterbox_fast.generation.decode import generate_tokens, kv_bucket, new_state, prefill, step_logits
 from chatterbox_fast.generation.sampling import SamplingParams
 from chatterbox_fast.models.t3 import T3, T3_KEYMAP
-from chatterbox_fast.quantize import (QUANT_MODES, T3_INT8_TARGETS, Int8Linear, check_quantize_mode,
-                                      int8_linear_bytes, quantize_t3, quantize_weight_int8)
+from chatterbox_fast.quantize import (QUANT_MODES, T3_INT8_TARGETS, Bf16Linear, Int8Linear, check_quantize_mode,
+                                      int8_linear_bytes, low_precision_linear_bytes, quantize_t3,
+                                      quantize_weight_int8)
 
 from helpers import skip_unless_compile_works, tiny_t3
 
@@ -112,6 +113,50 @@ def test_int8_linear_fallback_path_is_exact_dequantised_matmul(monkeypatch, has_
     torch.testing.assert_close(m(x), x @ m.dequantized_weight().T, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["ours", "fallback"])
+@pytest.mark.parametrize("shape", [(2, 64), (3, 5, 64), (1, qmod.CPU_KERNEL_MAX_ROWS + 1, 64)])
+def test_bf16_linear_is_fp32_math_on_the_bf16_weight(monkeypatch, shape, kernel):
+    """Weight-only bf16: the result is x @ bf16(W)^T in fp32, with no rounding of x or of the output."""
+    if kernel == "ours":
+        if not cpu_kernels.load():
+            pytest.skip(f"our CPU kernel is unavailable: {cpu_kernels.error()}")
+    else:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=False)
+    m = Bf16Linear.from_linear(lin)
+    assert m.weight_bf16.dtype == torch.bfloat16 and not list(m.parameters())
+    x = torch.randn(*shape)
+    y = m(x)
+    assert y.shape == (*shape[:-1], 48) and y.dtype == torch.float32
+    w = lin.weight.bfloat16().float()
+    ref = x @ w.T
+    assert bool(((y - ref).abs() <= 1e-5 * (x.abs() @ w.abs().T) + 1e-6).all()), (y - ref).abs().max()
+    # and bf16 weights stay within bf16's rounding of the float layer (relative 2^-9 per weight)
+    assert (y - lin(x)).abs().max().item() <= 2.0 ** -8 * (x.abs() @ lin.weight.abs().T).max().item()
+    with pytest.raises(ValueError, match="bias"):
+        Bf16Linear.from_linear(nn.Linear(4, 4, bias=True))
+
+
+def test_quantize_t3_bf16_replaces_the_layer_linears():
+    model = _tiny()
+    names = sorted(f"tfmr.layers.{i}.{p}" for i in range(model.cfg.n_layers) for p in T3_INT8_TARGETS)
+    ref = _tiny()
+    quantize_t3(model, "bf16")
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, Bf16Linear)) == names
+    cfg = model.cfg
+    per_layer = 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.intermediate_size
+    assert low_precision_linear_bytes(model) == cfg.n_layers * per_layer * 2 and int8_linear_bytes(model) == 0
+    quantize_t3(model, "int8")  # a converted model stays as it is
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    torch.manual_seed(1)
+    x = torch.randn(2, 20, cfg.dim)
+    for m in (ref, model):
+        m.setup_caches(2, 64)
+    a, b = prefill(ref, x), prefill(model, x)
+    assert (a - b).abs().max().item() <= 0.01 * a.abs().max().item()
+
+
 def test_int8_linear_rejects_bias():
     with pytest.raises(ValueError, match="bias"):
         Int8Linear.from_linear(nn.Linear(4, 4, bias=True))
@@ -152,7 +197,7 @@ def test_bad_mode_raises_naming_the_allowed_ones(bad):
         quantize_t3(_tiny(), bad)
     with pytest.raises(ValueError, match="int8"):
         check_quantize_mode(bad)
-    assert check_quantize_mode(None) is None and QUANT_MODES == ("int8",)
+    assert check_quantize_mode(None) is None and QUANT_MODES == ("int8", "bf16")
 
 
 def test_quantized_t3_generates_close_to_fp32():
@@ -247,6 +292,30 @@ def test_engine_quantize_option(monkeypatch, tmp_path):
     monkeypatch.setattr(engine, "download_checkpoint", lambda *a, **k: tmp_path)
     tts = engine.OptimizedChatterboxTTS.from_pretrained(device="cpu", enable_watermark=False, quantize="int8")
     assert any(isinstance(m, Int8Linear) for m in tts.t3.modules())
+
+
+def test_engine_mixed_precision_on_cpu_is_bf16_weights(monkeypatch, tmp_path):
+    """use_mixed_precision=True on a CPU: T3's layer linears get bf16 weights with fp32 math (when our kernel
+    builds; otherwise one warning and fp32); with quantize="int8" too, int8 is kept."""
+    import warnings
+
+    import chatterbox_fast.engine as engine
+
+    monkeypatch.setattr(engine, "load_components", _fake_parts)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tts = engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", enable_watermark=False,
+                                                       use_mixed_precision=True)
+    n_bf16 = sum(isinstance(m, Bf16Linear) for m in tts.t3.modules())
+    warned = [w for w in record if "use_mixed_precision" in str(w.message)]
+    if cpu_kernels.available():
+        assert n_bf16 == 2 * len(T3_INT8_TARGETS) and not warned
+    else:
+        assert n_bf16 == 0 and len(warned) == 1
+    tts = engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", enable_watermark=False,
+                                                   use_mixed_precision=True, quantize="int8")
+    assert sum(isinstance(m, Int8Linear) for m in tts.t3.modules()) == 2 * len(T3_INT8_TARGETS)
+    assert not any(isinstance(m, Bf16Linear) for m in tts.t3.modules())
 
 
 def test_engine_rejects_bad_quantize_before_loading(monkeypatch, tmp_path):

@@ -34,9 +34,10 @@ def _speak_parser(sub) -> None:
                                                                     "(default 1000 = 40 s)")
     p.add_argument("--no-watermark", action="store_true", help="do not apply the Perth watermark")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--bf16", action="store_true", help="mixed precision (CUDA)")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for T3's linears (faster decode; drift "
-                                                        "vs fp32 in BENCHMARKS.md)")
+    p.add_argument("--bf16", action="store_true", help="mixed precision: bf16 on CUDA; on CPU T3's weights in "
+                   "bf16 with fp32 math (faster decode, small drift)")
+    p.add_argument("--quantize", choices=["int8", "bf16"], help="weight-only int8 (or bf16) for T3's linears "
+                   "(faster decode; drift vs fp32 in BENCHMARKS.md)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step and the flow estimator "
                    "eagerly instead of replaying CUDA graphs")
     p.add_argument("--cfm-steps", type=int, help="S3Gen flow-matching steps (default 10 = the reference's, exact); "

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernels as cpu_kernels
 from .conditioning import Conditionals
 from .constants import REPO_ID, S3GEN_SR
 from .generation.decode import clean_speech_tokens, generate_tokens
@@ -177,7 +178,10 @@ class OptimizedChatterboxTTS:
                    cuda_graphs: bool = True) -> "OptimizedChatterboxTTS":
         """Load from a folder holding ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json
         and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads.
-        quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md).
+        quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md);
+        "bf16": weight-only bf16 with fp32 math, which is what use_mixed_precision=True selects on a CPU (bf16
+        arithmetic is slower than fp32 on CPUs without native bf16; bf16 weights halve the bytes T3 reads per token).
+        With quantize="int8", use_mixed_precision adds nothing on a CPU.
         cuda_graphs (CUDA only): replay T3's decode step and the flow estimator from CUDA graphs (same kernels, no
         launch overhead; generation/cuda_graph.py). False runs them eagerly."""
         from .quantize import check_quantize_mode, quantize_t3
@@ -188,9 +192,15 @@ class OptimizedChatterboxTTS:
         if use_mixed_precision:
             if dev.type == "cuda":
                 t3_dtype = torch.bfloat16
-            else:
-                warnings.warn(f"use_mixed_precision=True has no effect on {dev.type}: bf16 is used on CUDA only "
-                              "(CPUs without native bf16 run it slower than fp32)", stacklevel=2)
+            elif dev.type == "cpu" and quantize is None:
+                if cpu_kernels.load():
+                    quantize = "bf16"  # bf16 weights, fp32 math: half the bytes, no bf16 arithmetic
+                else:
+                    warnings.warn("use_mixed_precision=True has no effect on this CPU: the bf16-weight kernel could "
+                                  f"not be built ({cpu_kernels.error()}); running fp32", stacklevel=2)
+            elif dev.type != "cpu":
+                warnings.warn(f"use_mixed_precision=True has no effect on {dev.type}: bf16 is used on CUDA only",
+                              stacklevel=2)
         parts = load_components(Path(ckpt_dir), dev, t3_dtype)
         if quantize is not None:
             quantize_t3(parts.t3, quantize)

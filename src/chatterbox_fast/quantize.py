@@ -1,4 +1,8 @@
-"""Weight-only int8 for T3's decode-time linears (`quantize_t3(model, "int8")`).
+"""Weight-only int8 (and bf16) for T3's decode-time linears (`quantize_t3(model, "int8" | "bf16")`).
+
+"bf16" (`Bf16Linear`): the weights stored in bf16, the math in fp32 (our CPU kernel widens them in registers).
+Half the bytes of fp32, relative weight rounding 2^-9: what `use_mixed_precision=True` means on a CPU, where bf16
+activations would be slower (no native bf16 on most CPUs). The rest of this docstring is about int8.
 
 Decoding one token reads every linear weight once, so on a CPU (and at batch 2 on a GPU) T3 is bound by weight
 bytes: int8 weights read 4x fewer bytes than fp32 (0.50 GB instead of 2.01 GB for the 30 layers).
@@ -49,7 +53,7 @@ from torch import Tensor, nn
 from . import kernels as cpu_kernels
 from .models.t3 import T3
 
-QUANT_MODES = ("int8",)
+QUANT_MODES = ("int8", "bf16")
 # the linears of each Llama layer that are quantised (attribute paths under tfmr.layers[i])
 T3_INT8_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -130,12 +134,54 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8 per-channel"
 
 
+class Bf16Linear(nn.Module):
+    """A bias-free linear whose weight (N, K) is stored in bf16 and used with fp32 math (weight-only bf16).
+
+    On the CPU this halves the bytes a decode step reads (1.0 GB instead of 2.0 GB for T3's layers) while the
+    activations and accumulation stay fp32: the only rounding is the weight's, relative 2^-9. Decode-sized inputs
+    (<= CPU_KERNEL_MAX_ROWS rows, fp32) run our C++ kernel `chatterbox_fast::bf16_linear`; anything else (prefill,
+    no kernel, another device) `F.linear` with the weight widened for the call (exact, but a temporary copy).
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_bf16", torch.zeros(out_features, in_features, dtype=torch.bfloat16,
+                                                        device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Bf16Linear":
+        if linear.bias is not None:
+            raise ValueError("Bf16Linear has no bias (T3's linears have none)")
+        mod = cls(linear.in_features, linear.out_features, device="meta")
+        mod.weight_bf16 = linear.weight.detach().to(torch.bfloat16).contiguous()
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., K) -> (..., N) in x's dtype."""
+        lead = x.shape[:-1]
+        rows = math.prod(lead)
+        if x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_ROWS and x.dtype == torch.float32 \
+                and cpu_kernels.available():
+            y = torch.ops.chatterbox_fast.bf16_linear(x.reshape(rows, self.in_features).contiguous(),
+                                                      self.weight_bf16)  # (M, N) fp32
+            return y.view(*lead, self.out_features)
+        return F.linear(x, self.weight_bf16.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=bf16"
+
+
+_LINEAR_TYPES = {"int8": Int8Linear, "bf16": Bf16Linear}
+
+
 def quantize_t3(model: T3, mode: str = "int8") -> T3:
-    """Replace T3's per-layer Llama linears (T3_INT8_TARGETS) by Int8Linear, in place; returns the model.
+    """Replace T3's per-layer Llama linears (T3_INT8_TARGETS) by Int8Linear ("int8") or Bf16Linear ("bf16",
+    weight-only bf16 with fp32 math), in place; returns the model.
 
     Each float weight is dropped as soon as its int8 copy exists (peak extra memory: one layer's temporaries), so
-    once nothing else holds the loaded tensors, the resident T3 linear weights are int8 (+ scales). Quantising an
-    already quantised model is a no-op. Call before compiling the decode step or capturing CUDA graphs. For a model
+    once nothing else holds the loaded tensors, the resident T3 linear weights are int8 (+ scales). Converting an
+    already converted model is a no-op (whatever its format). Call before compiling the decode step or capturing CUDA graphs. For a model
     on the CPU this also builds/loads the C++ decode kernel (kernels/, cached; ~15 s the first time on a machine),
     so that tracing later never has to.
     """
@@ -151,11 +197,17 @@ def quantize_t3(model: T3, mode: str = "int8") -> T3:
                 parent_name, name = path.split(".")
                 parent = getattr(layer, parent_name)
                 lin = getattr(parent, name)
-                if isinstance(lin, Int8Linear):
+                if not isinstance(lin, nn.Linear):  # already converted (to this or the other format)
                     continue
-                setattr(parent, name, Int8Linear.from_linear(lin))
+                setattr(parent, name, _LINEAR_TYPES[mode].from_linear(lin))
                 del lin
     return model
+
+
+def low_precision_linear_bytes(model: nn.Module) -> int:
+    """Bytes held by the Int8Linear and Bf16Linear modules of `model` (weights + scales)."""
+    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, (Int8Linear, Bf16Linear))
+               for b in m.buffers())
 
 
 def int8_linear_bytes(model: nn.Module) -> int:

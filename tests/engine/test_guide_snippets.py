@@ -28,6 +28,8 @@ import soundfile as sf
 import torch
 
 import chatterbox_fast.engine as engine_mod
+import chatterbox_fast.quantize as quantize_mod
+from chatterbox_fast import kernels as cpu_kernels
 from chatterbox_fast import OptimizedChatterboxTTS
 from chatterbox_fast.generation.compile import CompiledStep
 
@@ -222,7 +224,14 @@ def guide(oracle_ckpt, short_voice):
         calls.append(Call(self, text, dict(kwargs), wav))
         return wav
 
+    def record_quantize(model, mode="int8"):
+        # the loaded T3 is shared by every snippet (cached above), so it is not converted: the conversion asked
+        # for is recorded (use_mixed_precision=True on CPU -> "bf16"; tested for real in tests/engine/test_engine.py)
+        model.quantize_calls = getattr(model, "quantize_calls", []) + [mode]
+        return model
+
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize_mod, "quantize_t3", record_quantize)
         mp.setattr(engine_mod, "load_components", load_once)
         mp.setattr(OptimizedChatterboxTTS, "from_pretrained", classmethod(from_pretrained))
         mp.setattr(OptimizedChatterboxTTS, "generate", generate)
@@ -247,6 +256,18 @@ def _mixed_precision_warnings(record) -> list:
     return [w for w in record if issubclass(w.category, UserWarning) and "use_mixed_precision" in str(w.message)]
 
 
+def _check_cpu_mixed_precision(model, record) -> None:
+    """use_mixed_precision=True on a CPU: T3's layer weights to bf16 with fp32 math (our kernel) and no warning;
+    without the kernel, one warning and fp32. The T3 parameters themselves stay fp32 either way."""
+    calls = getattr(model.t3, "quantize_calls", [])
+    if cpu_kernels.available():
+        assert not _mixed_precision_warnings(record) and calls and calls[-1] == "bf16"
+    else:
+        assert len(_mixed_precision_warnings(record)) == 1 and not calls
+    model.t3.quantize_calls = []
+    assert all(p.dtype == torch.float32 for p in model.t3.parameters())
+
+
 # ---- the snippets ---------------------------------------------------------------------------------------------
 def test_basic_usage(guide, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
@@ -254,8 +275,7 @@ def test_basic_usage(guide, tmp_path, monkeypatch, caplog):
         warnings.simplefilter("always")
         ns = run_snippet(BASIC, "basic usage")
     model, wav = ns["model"], ns["wav"]
-    assert len(_mixed_precision_warnings(record)) == 1  # bf16 is CUDA-only: CPU warns and stays fp32
-    assert all(p.dtype == torch.float32 for p in model.t3.parameters())
+    _check_cpu_mixed_precision(model, record)
     assert model.watermarker is None and model.device == torch.device("cpu")
     _check_compile_fell_back(model, caplog)
     _check_wav(wav)
@@ -271,8 +291,10 @@ def test_advanced_usage_then_voice_cloning(guide, tmp_path, monkeypatch, caplog,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "path" / "to").mkdir(parents=True)
     sf.write(tmp_path / "path/to/reference.wav", synth.speech_like(2.0, 44100, seed=21), 44100)
-    with pytest.warns(UserWarning, match="use_mixed_precision"):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         ns = run_snippet(ADVANCED, "advanced usage")
+    _check_cpu_mixed_precision(ns["model"], record)
     model = ns["model"]
     tfmr = model.t3.tfmr
     _check_compile_fell_back(model, caplog)
@@ -292,8 +314,10 @@ def test_advanced_usage_then_voice_cloning(guide, tmp_path, monkeypatch, caplog,
 
 
 def test_maximum_speed_preset(guide, caplog):
-    with pytest.warns(UserWarning, match="use_mixed_precision"):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         ns = run_snippet(MAXIMUM_SPEED, "maximum speed", preset_namespace())
+    _check_cpu_mixed_precision(ns["model"], record)
     model = ns["model"]
     assert model.watermarker is None
     _check_compile_fell_back(model, caplog)
@@ -303,8 +327,10 @@ def test_maximum_speed_preset(guide, caplog):
 
 
 def test_balanced_and_development_presets(guide, caplog, capsys, perth):
-    with pytest.warns(UserWarning, match="use_mixed_precision"):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         balanced = run_snippet(BALANCED, "balanced", preset_namespace())
+    _check_cpu_mixed_precision(balanced["model"], record)
     _check_compile_fell_back(balanced["model"], caplog)
     assert isinstance(balanced["model"].watermarker, perth.PerthImplicitWatermarker)
     capsys.readouterr()
