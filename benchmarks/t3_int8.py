@@ -11,13 +11,16 @@ Three parts, one run:
    (one CFG decode step), random weights, every candidate timed over all layers in --kernel-rounds interleaved
    rounds (median of the per-round ratios to fp32 F.linear): fp32 and
    bf16 `F.linear`, `_weight_int8pack_mm` with bf16 and with fp32 activations, fbgemm dynamic int8
-   (`torch.ao.nn.quantized.dynamic.Linear`), and the generic dequantise-and-matmul fallback.
+   (`torch.ao.nn.quantized.dynamic.Linear`), the generic dequantise-and-matmul fallback, and our C++ kernels
+   (src/chatterbox_fast/kernels: int8 and bf16 weights, fp32 activations and math) when they build.
 2. decode: fp32 eager, int8 eager and int8 compiled (`compile_decode_step` defaults: inductor, no freezing; other
    compile modes with --int8-modes, e.g. autotune-freezing = max-autotune C++ GEMM + freezing), the
    --steps timed steps split into --rounds interleaved rounds with one read-bandwidth probe per round (as
    benchmarks/t3_decode.py). Floor = bytes of linear weights read per token (int8 layers + scales + the fp32
    speech head; for fp32 every linear) / the probe's bandwidth. Resident bytes: the Int8Linear buffers, and the
    process RSS before / after compiling (a constant-folded fp32 copy would add ~2 GB).
+--format bf16 runs parts 2-3 on a bf16-weight model instead (quantize_t3(..., "bf16"): what use_mixed_precision
+selects on CPU); the labels then read "bf16 ..." (the JSON keys keep their int8 names).
 3. drift: teacher-forced next-token distributions of int8 vs fp32 over --drift-steps positions after the prefill
    (the same pseudo-random speech tokens fed to both, 32 positions per forward), processed as the sampler does
    (CFG, repetition penalty, temperature, min-p): total variation distance, KL(fp32 || int8) of the temperature
@@ -45,7 +48,8 @@ from chatterbox_fast import kernels as cpu_kernels  # noqa: E402
 from chatterbox_fast.config import T3Config  # noqa: E402
 from chatterbox_fast.generation.sampling import SamplingParams, process_logits  # noqa: E402
 from chatterbox_fast.models.t3 import T3  # noqa: E402
-from chatterbox_fast.quantize import Int8Linear, int8_linear_bytes, quantize_t3, quantize_weight_int8  # noqa: E402
+from chatterbox_fast.quantize import (Bf16Linear, Int8Linear, int8_linear_bytes, low_precision_linear_bytes,  # noqa: E402
+                                      quantize_t3, quantize_weight_int8)
 
 NOTE = ("weights are random (oracle checkpoint, official shapes): speed is unaffected; drift on random weights is "
         "a weak proxy for drift on the released weights")
@@ -152,8 +156,10 @@ def read_bytes_per_token(model: T3) -> int:
     for m in model.tfmr.layers.modules():
         if isinstance(m, torch.nn.Linear):
             n += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, Int8Linear):
-            n += m.weight_int8.numel() + m.scale_bf16.numel() * 2
+        elif isinstance(m, Int8Linear):  # our kernel reads the fp32 scales, ATen's the bf16 copy
+            n += m.weight_int8.numel() + m.scale.numel() * (4 if cpu_kernels.available() else 2)
+        elif isinstance(m, Bf16Linear):
+            n += m.weight_bf16.numel() * 2
     w = model.speech_head.weight
     return n + w.numel() * w.element_size()
 
@@ -240,6 +246,9 @@ def parse_args(argv=None):
     ap.add_argument("--int8-modes", default="eager,compiled",
                     help=f"int8 modes, comma-separated, from benchmarks/t3_decode.py's {sorted(t3_decode.MODES)}")
     ap.add_argument("--ckpt", type=Path, default=None)
+    ap.add_argument("--format", choices=("int8", "bf16"), default="int8",
+                    help="weight format of the converted model in parts 2-3 (quantize_t3 mode; bf16 = bf16 weights, "
+                         "fp32 math, what use_mixed_precision selects on CPU)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "t3_int8.json")
     a = ap.parse_args(argv)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
@@ -261,7 +270,7 @@ def run_decode(args, fp32: T3, int8: T3, x: torch.Tensor) -> dict:
     max_seq = S + args.warmup + chunk * args.rounds + 2
     dargs = argparse.Namespace(threads=args.threads)
     impls = {}
-    runs = [("fp32 eager", fp32, "eager")] + [(f"int8 {m}", int8, m) for m in args.int8_modes]
+    runs = [("fp32 eager", fp32, "eager")] + [(f"{args.format} {m}", int8, m) for m in args.int8_modes]
     for name, model, mode in runs:
         model.setup_caches(2, max_seq)
         o = t3_decode.Ours(model, mode, S, dargs)
@@ -335,14 +344,16 @@ def main(argv=None) -> None:
         x = t3_decode.prefill_input(fp32, args.ckpt, args.text_len)
         t3_decode.release_memory()
         rss0 = common.rss_gb()
-        int8 = quantize_t3(t3_decode.load_ours(args.ckpt))
+        int8 = quantize_t3(t3_decode.load_ours(args.ckpt), args.format)  # (named int8 below, whatever --format)
         t3_decode.release_memory()
         data["resident"] = {
-            "int8_linear_bytes": int8_linear_bytes(int8), "float_linear_bytes_left": float_linear_bytes(int8),
+            "format": args.format, "int8_linear_bytes": int8_linear_bytes(int8),
+            "low_precision_linear_bytes": low_precision_linear_bytes(int8),
+            "float_linear_bytes_left": float_linear_bytes(int8),
             "fp32_linear_bytes": float_linear_bytes(fp32), "rss_gb_fp32_only": rss0,
             "rss_gb_with_int8_model": common.rss_gb(),
         }
-        print(f"resident: int8 linears {data['resident']['int8_linear_bytes'] / 1e9:.3f} GB (float left: "
+        print(f"resident: {args.format} linears {data['resident']['low_precision_linear_bytes'] / 1e9:.3f} GB (float left: "
               f"{data['resident']['float_linear_bytes_left']}); RSS {rss0:.2f} -> "
               f"{data['resident']['rss_gb_with_int8_model']:.2f} GB after loading + quantising the int8 copy",
               flush=True)
