@@ -132,6 +132,9 @@ class Reference:
 
 # ---- ours -----------------------------------------------------------------------------------------------------
 def load_ours(ckpt: Path) -> T3:
+    from chatterbox_fast import kernels
+
+    kernels.load()  # as the engine does on CPU (T3's decode attention runs our kernel once it is loaded)
     with torch.device("meta"):
         model = T3(T3Config())
     load_strict(model, read_safetensors(ckpt / "t3_cfg.safetensors"), T3_KEYMAP, name="t3_cfg.safetensors")

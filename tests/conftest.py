@@ -21,6 +21,16 @@ import oracle_paths  # noqa: E402
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_kernels():
+    """Build / load our C++ CPU kernels once, first, as the engine does on CPU: every test then runs the code
+    users run (T3's decode attention and the int8 / bf16 linears go through them once loaded). Their own tests
+    (tests/test_cpu_kernels.py) fail if the build fails; CHATTERBOX_FAST_CPU_KERNELS=0 runs the suite without."""
+    from chatterbox_fast import kernels
+
+    kernels.load()
+
+
 def _missing(what: Path) -> None:
     msg = (
         f"REFERENCE ORACLE MISSING: {what} is not built. Run `make oracle` "

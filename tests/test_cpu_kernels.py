@@ -66,6 +66,69 @@ def test_bf16_linear_matches_fp64(ops, m, n, k):
     assert bool(((y.double() - ref).abs() <= tol).all()), (y.double() - ref).abs().max()
 
 
+@pytest.mark.parametrize("pos, kv_len", [(0, 128), (5, 128), (127, 128), (128, 256), (300, 384), (999, 1024)])
+def test_decode_attention_matches_masked_sdpa(ops, pos, kv_len):
+    """T3's decode attention: one query per (batch, head) over cache slots <= pos, as SDPA with the step's mask."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(pos)
+    kc, vc = torch.randn(2, 16, 1024, 64, generator=g), torch.randn(2, 16, 1024, 64, generator=g)
+    q = torch.randn(2, 1, 16, 64, generator=g).transpose(1, 2)  # (B, H, 1, D), strided as in T3
+    ip = torch.tensor([pos])
+    mask = torch.arange(kv_len)[None, :] <= ip[:, None]
+    want = F.scaled_dot_product_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
+    got = ops.decode_attention(q, kc, vc, ip, kv_len, 0.125)
+    assert got.shape == (2, 16, 1, 64)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    kc[:, :, pos + 1:] = float("nan")  # slots past the position are never read
+    assert torch.isfinite(ops.decode_attention(q, kc, vc, ip, kv_len, 0.125)).all()
+
+
+def test_t3_decode_with_and_without_our_attention(ops, monkeypatch):
+    """T3's decode step through our attention (CPU default once loaded) vs ATen's masked SDPA: same logits to fp32
+    noise, same sampled tokens."""
+    from helpers import tiny_t3
+
+    from chatterbox_fast.generation.decode import generate_tokens
+    from chatterbox_fast.generation.sampling import SamplingParams
+
+    model = tiny_t3(0)
+    x = torch.randn(2, 12, model.cfg.dim, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(max_new_tokens=40, min_p=0.0)
+    calls = {"n": 0}
+    real = torch.ops.chatterbox_fast.decode_attention
+
+    def counting(*a):
+        calls["n"] += 1
+        return real(*a)
+
+    def run():
+        with torch.inference_mode():
+            return generate_tokens(model, x.clone(), params, generator=torch.Generator().manual_seed(3))
+
+    import chatterbox_fast.models.t3 as t3_mod
+
+    monkeypatch.setattr(t3_mod.torch.ops.chatterbox_fast, "decode_attention", counting, raising=False)
+    ours = run()
+    assert calls["n"] > 0, "the decode step did not use our attention"
+    monkeypatch.setattr(kernels, "decode_attention_ready", lambda: False)
+    calls["n"] = 0
+    aten = run()
+    assert calls["n"] == 0
+    assert torch.equal(ours, aten)
+
+
+def test_decode_attention_bad_inputs(ops):
+    kc = torch.zeros(2, 16, 64, 64)
+    q = torch.zeros(2, 16, 1, 64)
+    with pytest.raises(RuntimeError, match="outside the 32-slot window"):
+        ops.decode_attention(q, kc, kc, torch.tensor([40]), 32, 0.125)
+    with pytest.raises(RuntimeError, match="input_pos must be"):
+        ops.decode_attention(q, kc, kc, torch.tensor([1, 2]), 32, 0.125)
+    with pytest.raises(RuntimeError, match="caches must be contiguous"):
+        ops.decode_attention(q, kc[:, :8], kc, torch.tensor([1]), 32, 0.125)
+
+
 def test_extreme_values_are_not_clipped(ops):
     """-128 (never produced by our quantiser, but valid int8) and large activations widen exactly."""
     x = torch.tensor([[1e6, -3.0, 0.5] * 6])

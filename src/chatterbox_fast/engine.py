@@ -188,6 +188,8 @@ class OptimizedChatterboxTTS:
 
         check_quantize_mode(quantize)
         dev = _resolve_device(device)
+        if dev.type == "cpu":
+            cpu_kernels.load()  # our C++ kernels (T3 decode attention, int8 / bf16 linears); a failed build warns
         t3_dtype = torch.float32
         if use_mixed_precision:
             if dev.type == "cuda":

@@ -11,6 +11,8 @@ them in one graph as extern calls; fake implementations below give their output 
 - `torch.ops.chatterbox_fast.int8_linear(x (M, K) f32, w (N, K) int8, scale (N,) f32) -> (M, N) f32`
 - `torch.ops.chatterbox_fast.bf16_linear(x (M, K) f32, w (N, K) bf16) -> (M, N) f32`
 Both accumulate in fp32 over fp32 activations: the only rounding is the stored weight's.
+- `torch.ops.chatterbox_fast.decode_attention(q (B, H, 1, D), k_cache, v_cache (B, H, S, D), input_pos (1,), kv_len,
+  scale) -> (B, H, 1, D)`: T3's single-query attention over the cache slots <= input_pos, fp32 (see the source).
 
 Environment:
 - CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).
@@ -123,6 +125,10 @@ def _register_fakes() -> None:
     def _bf16_linear_fake(x, w):
         return x.new_empty((x.shape[0], w.shape[0]))
 
+    @torch.library.register_fake("chatterbox_fast::decode_attention")
+    def _decode_attention_fake(q, k_cache, v_cache, input_pos, kv_len, scale):
+        return q.new_empty(q.shape)
+
 
 def load() -> bool:
     """Build (once, cached) and load the CPU kernels; True when `torch.ops.chatterbox_fast.*` can be called.
@@ -154,6 +160,12 @@ def load() -> bool:
 def available() -> bool:
     """True when the kernels are loaded (does not try to build: call `load()` first)."""
     return _state["ok"]
+
+
+def decode_attention_ready() -> bool:
+    """True when T3's decode step should use `chatterbox_fast::decode_attention` (loaded, AVX-512 build: the portable
+    build's loop would be slower than ATen's kernel)."""
+    return _state["ok"] and _state["isa"] == "avx512"
 
 
 def isa() -> str | None:

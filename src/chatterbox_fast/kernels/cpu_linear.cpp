@@ -16,8 +16,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -142,6 +145,119 @@ void linear_kernel(const float* x, const typename W::T* w, const float* scale, f
   });
 }
 
+// ---- decode attention: one query per (batch, head) over the first n cache slots -------------------------------
+// y (B, H, 1, D) = softmax(q k[:n]^T * scale) v[:n] with n = input_pos[0] + 1 (<= kv_len): T3's decode step, whose
+// mask keeps the slots <= the query's position. Reads each of the n key and value rows once (the step's KV bytes),
+// so it runs at memory speed; ATen's flash kernel with the bool mask reads the whole kv_len bucket and takes ~2x
+// the bandwidth floor for a single query. Softmax in base 2 (q pre-scaled by scale * log2 e), fp32 throughout.
+namespace dec {
+#if defined(__AVX512F__)
+inline __m512 exp2_ps(__m512 x) {  // 2^x for x <= 0; relative error ~1e-7 (degree-6 polynomial on [-0.5, 0.5])
+  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// one (batch, head): q (D,) pre-scaled, k / v (n, D) rows contiguous, scores scratch (>= n + 16), out (D,)
+void attend_one(const float* q, const float* k, const float* v, int64_t n, int64_t D, float* sc, float* out) {
+#if defined(__AVX512F__)
+  if (D == 64) {
+    const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16), q2 = _mm512_loadu_ps(q + 32),
+                 q3 = _mm512_loadu_ps(q + 48);
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) {
+      const float* kt = k + t * 64;
+      __m512 a = _mm512_mul_ps(q0, _mm512_loadu_ps(kt));
+      a = _mm512_fmadd_ps(q1, _mm512_loadu_ps(kt + 16), a);
+      a = _mm512_fmadd_ps(q2, _mm512_loadu_ps(kt + 32), a);
+      a = _mm512_fmadd_ps(q3, _mm512_loadu_ps(kt + 48), a);
+      sc[t] = _mm512_reduce_add_ps(a);
+      mx = std::max(mx, sc[t]);
+    }
+    const __m512 mv = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 mk = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(mk, exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + t), mv)));
+      _mm512_mask_storeu_ps(sc + t, mk, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* vt = v + t * 64;
+      const __m512 p = _mm512_set1_ps(sc[t]);
+      o0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt), o0);
+      o1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + 16), o1);
+      o2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + 32), o2);
+      o3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + 48), o3);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    _mm512_storeu_ps(out, _mm512_mul_ps(o0, inv));
+    _mm512_storeu_ps(out + 16, _mm512_mul_ps(o1, inv));
+    _mm512_storeu_ps(out + 32, _mm512_mul_ps(o2, inv));
+    _mm512_storeu_ps(out + 48, _mm512_mul_ps(o3, inv));
+    return;
+  }
+#endif
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) {
+    float a = 0.f;
+    for (int64_t d = 0; d < D; ++d) a += q[d] * k[t * D + d];
+    sc[t] = a;
+    mx = std::max(mx, a);
+  }
+  float sum = 0.f;
+  for (int64_t t = 0; t < n; ++t) sum += (sc[t] = std::exp2(sc[t] - mx));
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < D; ++d) out[d] += sc[t] * v[t * D + d];
+  for (int64_t d = 0; d < D; ++d) out[d] /= sum;
+}
+}  // namespace dec
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& input_pos, int64_t kv_len, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(2) == 1,
+              "decode_attention: q must be a (B, H, 1, D) float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
+  for (const at::Tensor* c : {&k_cache, &v_cache}) {
+    TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->dim() == 4 && c->is_contiguous() &&
+                    c->size(0) == q.size(0) && c->size(1) == q.size(1) && c->size(3) == q.size(3),
+                "decode_attention: the caches must be contiguous (B, H, max_seq, D) float32 CPU tensors matching q ",
+                q.sizes(), ", got ", c->sizes());
+  }
+  TORCH_CHECK(input_pos.device().is_cpu() && input_pos.scalar_type() == at::kLong && input_pos.numel() == 1,
+              "decode_attention: input_pos must be a (1,) int64 CPU tensor");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), S = k_cache.size(2);
+  const int64_t n = input_pos.data_ptr<int64_t>()[0] + 1;
+  TORCH_CHECK(n >= 1 && n <= kv_len && kv_len <= S, "decode_attention: position ", n - 1, " outside the ", kv_len,
+              "-slot window of a ", S, "-slot cache");
+  TORCH_CHECK(q.stride(3) == 1, "decode_attention: q's last dim must be contiguous");
+  const float qscale = static_cast<float>(scale * 1.4426950408889634);  // base-2 softmax
+  at::Tensor y = at::empty({B, H, 1, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> sc(static_cast<size_t>(n + 16)), qv(static_cast<size_t>(D));
+    for (int64_t g = g0; g < g1; ++g) {
+      const float* qg = qp + (g / H) * q.stride(0) + (g % H) * q.stride(1);
+      for (int64_t d = 0; d < D; ++d) qv[d] = qg[d] * qscale;
+      dec::attend_one(qv.data(), kp + g * S * D, vp + g * S * D, n, D, sc.data(), yp + g * D);
+    }
+  });
+  return y;
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& w, at::ScalarType wdtype, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors expected");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
@@ -188,11 +304,13 @@ const char* isa() {
 TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, int kv_len, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("decode_attention", &decode_attention);
 }
 
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.

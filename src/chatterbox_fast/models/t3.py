@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels as cpu_kernels
 from ..config import T3Config
 from ..generation.kv_cache import KVCache
 from ..weights import KeyMap
@@ -66,6 +67,12 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def _cpu_decode_attention(q: Tensor) -> bool:
+    """Our single-query CPU attention (kernels/cpu_linear.cpp) applies: fp32 on CPU, no autograd, kernel built."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
+            and cpu_kernels.decode_attention_ready())
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: T3Config):
         super().__init__()
@@ -102,6 +109,9 @@ class Attention(nn.Module):
             self.kv_cache.update(input_pos, k, v)
         if mask is None:  # prefill from position 0: attend to the fresh keys only
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif S == 1 and _cpu_decode_attention(q):  # CPU decode: our kernel reads only slots <= input_pos
+            y = torch.ops.chatterbox_fast.decode_attention(q, self.kv_cache.k_cache, self.kv_cache.v_cache, input_pos,
+                                                           kv_len, self.head_dim ** -0.5)  # (B, nh, 1, hd)
         else:  # read only the first kv_len cache slots (a static bucket >= the filled length)
             kc = self.kv_cache.k_cache[:, :, :kv_len]
             vc = self.kv_cache.v_cache[:, :, :kv_len]
