@@ -77,11 +77,11 @@ def test_decode_attention_matches_masked_sdpa(ops, pos, kv_len):
     ip = torch.tensor([pos])
     mask = torch.arange(kv_len)[None, :] <= ip[:, None]
     want = F.scaled_dot_product_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
-    got = ops.decode_attention(q, kc, vc, ip, kv_len, 0.125)
+    got = ops.decode_attention(q, kc, vc, ip, 0.125)
     assert got.shape == (2, 16, 1, 64)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
     kc[:, :, pos + 1:] = float("nan")  # slots past the position are never read
-    assert torch.isfinite(ops.decode_attention(q, kc, vc, ip, kv_len, 0.125)).all()
+    assert torch.isfinite(ops.decode_attention(q, kc, vc, ip, 0.125)).all()
 
 
 def test_t3_decode_with_and_without_our_attention(ops, monkeypatch):
@@ -121,12 +121,12 @@ def test_t3_decode_with_and_without_our_attention(ops, monkeypatch):
 def test_decode_attention_bad_inputs(ops):
     kc = torch.zeros(2, 16, 64, 64)
     q = torch.zeros(2, 16, 1, 64)
-    with pytest.raises(RuntimeError, match="outside the 32-slot window"):
-        ops.decode_attention(q, kc, kc, torch.tensor([40]), 32, 0.125)
+    with pytest.raises(RuntimeError, match="outside the 64-slot cache"):
+        ops.decode_attention(q, kc, kc, torch.tensor([64]), 0.125)
     with pytest.raises(RuntimeError, match="input_pos must be"):
-        ops.decode_attention(q, kc, kc, torch.tensor([1, 2]), 32, 0.125)
+        ops.decode_attention(q, kc, kc, torch.tensor([1, 2]), 0.125)
     with pytest.raises(RuntimeError, match="caches must be contiguous"):
-        ops.decode_attention(q, kc[:, :8], kc, torch.tensor([1]), 32, 0.125)
+        ops.decode_attention(q, kc[:, :8], kc, torch.tensor([1]), 0.125)
 
 
 def test_extreme_values_are_not_clipped(ops):

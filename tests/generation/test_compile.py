@@ -189,3 +189,21 @@ def test_bad_arguments(tiny):
     tiny.setup_caches(2, 64)
     with pytest.raises(ValueError, match="setup_caches"):
         step.warm_up(1)
+
+
+def test_generation_across_many_kv_buckets_does_not_recompile(tiny, compile_works):
+    """A long cache (11 buckets of 128 slots, as the engine's 1408) and a generation crossing three of them: the
+    graphs compiled by warm_up serve every step (an int argument of a custom op, e.g. the bucket length passed to
+    our CPU decode attention, would specialise the step once per bucket: minutes each on the full model)."""
+    S, n = 30, 300  # positions 30..329: kv_len 128, 256, 384
+    tiny.setup_caches(2, 1408)
+    step = compile_decode_step(tiny)
+    step.warm_up(2, SamplingParams())
+    warmed = _graphs()
+    assert step.is_compiled, step.fallback_reason
+    params = SamplingParams(max_new_tokens=n, min_p=0.0)
+    x = _x(tiny, S)
+    ours = generate_tokens(tiny, x, params, generator=torch.Generator().manual_seed(0), step_fn=step)
+    assert _graphs() == warmed, "generation recompiled after warm_up"
+    ref = generate_tokens(tiny, x, params, generator=torch.Generator().manual_seed(0))
+    assert ours.shape == ref.shape == (1, n) and torch.equal(ours, ref)

@@ -11,8 +11,8 @@ them in one graph as extern calls; fake implementations below give their output 
 - `torch.ops.chatterbox_fast.int8_linear(x (M, K) f32, w (N, K) int8, scale (N,) f32) -> (M, N) f32`
 - `torch.ops.chatterbox_fast.bf16_linear(x (M, K) f32, w (N, K) bf16) -> (M, N) f32`
 Both accumulate in fp32 over fp32 activations: the only rounding is the stored weight's.
-- `torch.ops.chatterbox_fast.decode_attention(q (B, H, 1, D), k_cache, v_cache (B, H, S, D), input_pos (1,), kv_len,
-  scale) -> (B, H, 1, D)`: T3's single-query attention over the cache slots <= input_pos, fp32 (see the source).
+- `torch.ops.chatterbox_fast.decode_attention(q (B, H, 1, D), k_cache, v_cache (B, H, S, D), input_pos (1,), scale)
+  -> (B, H, 1, D)`: T3's single-query attention over the cache slots <= input_pos, fp32 (see the source).
 
 Environment:
 - CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).
@@ -126,7 +126,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.register_fake("chatterbox_fast::decode_attention")
-    def _decode_attention_fake(q, k_cache, v_cache, input_pos, kv_len, scale):
+    def _decode_attention_fake(q, k_cache, v_cache, input_pos, scale):
         return q.new_empty(q.shape)
 
 

@@ -146,8 +146,9 @@ void linear_kernel(const float* x, const typename W::T* w, const float* scale, f
 }
 
 // ---- decode attention: one query per (batch, head) over the first n cache slots -------------------------------
-// y (B, H, 1, D) = softmax(q k[:n]^T * scale) v[:n] with n = input_pos[0] + 1 (<= kv_len): T3's decode step, whose
-// mask keeps the slots <= the query's position. Reads each of the n key and value rows once (the step's KV bytes),
+// y (B, H, 1, D) = softmax(q k[:n]^T * scale) v[:n] with n = input_pos[0] + 1: T3's decode step, whose mask keeps
+// the slots <= the query's position (no kv_len argument: an int argument would make torch.compile specialise the
+// step on every cache bucket). Reads each of the n key and value rows once (the step's KV bytes),
 // so it runs at memory speed; ATen's flash kernel with the bool mask reads the whole kv_len bucket and takes ~2x
 // the bandwidth floor for a single query. Softmax in base 2 (q pre-scaled by scale * log2 e), fp32 throughout.
 namespace dec {
@@ -225,7 +226,7 @@ void attend_one(const float* q, const float* k, const float* v, int64_t n, int64
 }  // namespace dec
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& input_pos, int64_t kv_len, double scale) {
+                            const at::Tensor& input_pos, double scale) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(2) == 1,
               "decode_attention: q must be a (B, H, 1, D) float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
   for (const at::Tensor* c : {&k_cache, &v_cache}) {
@@ -238,8 +239,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               "decode_attention: input_pos must be a (1,) int64 CPU tensor");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), S = k_cache.size(2);
   const int64_t n = input_pos.data_ptr<int64_t>()[0] + 1;
-  TORCH_CHECK(n >= 1 && n <= kv_len && kv_len <= S, "decode_attention: position ", n - 1, " outside the ", kv_len,
-              "-slot window of a ", S, "-slot cache");
+  TORCH_CHECK(n >= 1 && n <= S, "decode_attention: position ", n - 1, " outside the ", S, "-slot cache");
   TORCH_CHECK(q.stride(3) == 1, "decode_attention: q's last dim must be contiguous");
   const float qscale = static_cast<float>(scale * 1.4426950408889634);  // base-2 softmax
   at::Tensor y = at::empty({B, H, 1, D}, q.options());
@@ -304,7 +304,7 @@ const char* isa() {
 TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, int kv_len, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {

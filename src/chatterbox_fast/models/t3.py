@@ -111,7 +111,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif S == 1 and _cpu_decode_attention(q):  # CPU decode: our kernel reads only slots <= input_pos
             y = torch.ops.chatterbox_fast.decode_attention(q, self.kv_cache.k_cache, self.kv_cache.v_cache, input_pos,
-                                                           kv_len, self.head_dim ** -0.5)  # (B, nh, 1, hd)
+                                                           self.head_dim ** -0.5)  # (B, nh, 1, hd)
         else:  # read only the first kv_len cache slots (a static bucket >= the filled length)
             kc = self.kv_cache.k_cache[:, :, :kv_len]
             vc = self.kv_cache.v_cache[:, :, :kv_len]
