@@ -17,8 +17,8 @@ special ids) at random. Every request is therefore forced to a fixed length, ins
 A run that still ends early (the engine changed) is flagged ("stopped_early") and measured as generated.
 
 Modes: {eager,compiled}-{fp32,bf16,int8} = from_local(enable_compilation=..., use_mixed_precision=(bf16),
-quantize="int8" (int8)). A mode the engine does not offer is recorded as "not available"; bf16 on CPU is recorded
-with the engine's warning (T3 stays fp32 there). Each mode runs in its own subprocess by default (clean peak RSS /
+quantize="int8" (int8)). A mode the engine does not offer is recorded as "not available"; bf16 on CPU means bf16
+T3 weights with fp32 math (our C++ kernel; without it the engine warns and T3 stays fp32). Each mode runs in its own subprocess by default (clean peak RSS /
 GPU memory per mode; a crash or a hang (--mode-timeout, --budget-s) costs that mode only) and the JSON is rewritten
 after every mode, so an interrupted run keeps what it measured.
 

@@ -195,7 +195,7 @@ class OptimizedChatterboxTTS:
             if dev.type == "cuda":
                 t3_dtype = torch.bfloat16
             elif dev.type == "cpu" and quantize is None:
-                if cpu_kernels.load():
+                if cpu_kernels.available():  # (loaded above)
                     quantize = "bf16"  # bf16 weights, fp32 math: half the bytes, no bf16 arithmetic
                 else:
                     warnings.warn("use_mixed_precision=True has no effect on this CPU: the bf16-weight kernel could "
