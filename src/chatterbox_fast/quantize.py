@@ -66,6 +66,12 @@ _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 CPU_KERNEL_MAX_ROWS = 64
 
 
+def _use_cpu_kernel(x: Tensor, rows: int) -> bool:
+    """Our C++ decode kernels (kernels/) apply: fp32 activations on the CPU, decode-sized, the kernels loaded."""
+    return (x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_ROWS and x.dtype == torch.float32
+            and cpu_kernels.available())
+
+
 def check_quantize_mode(mode: str | None) -> str | None:
     """None (no quantisation) or one of QUANT_MODES; anything else raises ValueError naming the allowed values."""
     if mode is not None and mode not in QUANT_MODES:
@@ -119,8 +125,7 @@ class Int8Linear(nn.Module):
         """x (..., K) -> (..., N) in x's dtype."""
         lead = x.shape[:-1]
         rows = math.prod(lead)
-        if x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_ROWS and x.dtype == torch.float32 \
-                and cpu_kernels.available():
+        if _use_cpu_kernel(x, rows):
             x2 = x.reshape(rows, self.in_features).contiguous()  # (M, K)
             y = torch.ops.chatterbox_fast.int8_linear(x2, self.weight_int8, self.scale)  # (M, N) fp32
             return y.view(*lead, self.out_features)
@@ -161,8 +166,7 @@ class Bf16Linear(nn.Module):
         """x (..., K) -> (..., N) in x's dtype."""
         lead = x.shape[:-1]
         rows = math.prod(lead)
-        if x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_ROWS and x.dtype == torch.float32 \
-                and cpu_kernels.available():
+        if _use_cpu_kernel(x, rows):
             y = torch.ops.chatterbox_fast.bf16_linear(x.reshape(rows, self.in_features).contiguous(),
                                                       self.weight_bf16)  # (M, N) fp32
             return y.view(*lead, self.out_features)
@@ -181,9 +185,9 @@ def quantize_t3(model: T3, mode: str = "int8") -> T3:
 
     Each float weight is dropped as soon as its int8 copy exists (peak extra memory: one layer's temporaries), so
     once nothing else holds the loaded tensors, the resident T3 linear weights are int8 (+ scales). Converting an
-    already converted model is a no-op (whatever its format). Call before compiling the decode step or capturing CUDA graphs. For a model
-    on the CPU this also builds/loads the C++ decode kernel (kernels/, cached; ~15 s the first time on a machine),
-    so that tracing later never has to.
+    already converted model is a no-op (whatever its format). Call before compiling the decode step or capturing
+    CUDA graphs. For a model on the CPU this also builds/loads the C++ kernels (kernels/, cached; ~15 s the first
+    time on a machine), so that tracing later never has to.
     """
     if check_quantize_mode(mode) is None:
         raise ValueError(f"quantize_t3 needs a mode from {QUANT_MODES}, got None")
@@ -204,13 +208,15 @@ def quantize_t3(model: T3, mode: str = "int8") -> T3:
     return model
 
 
+def _buffer_bytes(model: nn.Module, types: tuple[type, ...]) -> int:
+    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, types) for b in m.buffers())
+
+
 def low_precision_linear_bytes(model: nn.Module) -> int:
     """Bytes held by the Int8Linear and Bf16Linear modules of `model` (weights + scales)."""
-    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, (Int8Linear, Bf16Linear))
-               for b in m.buffers())
+    return _buffer_bytes(model, (Int8Linear, Bf16Linear))
 
 
 def int8_linear_bytes(model: nn.Module) -> int:
     """Bytes held by the Int8Linear modules of `model` (int8 weights + both scale copies)."""
-    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Int8Linear)
-               for b in m.buffers())
+    return _buffer_bytes(model, (Int8Linear,))

@@ -1,8 +1,9 @@
-"""Optional C++ CPU kernels (`cpu_linear.cpp`): weight-only int8 and bf16 linears for T3's decode step.
+"""Optional C++ CPU kernels (`cpu_linear.cpp`) for T3's decode step: weight-only int8 / bf16 linears, attention.
 
-They are compiled from source on first use with the system C++ compiler (the one torch.compile's CPU backend also
-needs), against the installed torch's headers, and cached under `~/.cache/chatterbox-fast/kernels/<hash>/` (the
-hash covers the source, torch's version, the compiler and the flags, so a torch upgrade rebuilds). Build once:
+They are compiled from source on the first `load()` (the engine calls it when it loads on a CPU) with the system
+C++ compiler (the one torch.compile's CPU backend also needs), against the installed torch's headers, and cached
+under `~/.cache/chatterbox-fast/kernels/<hash>/` (the hash covers the source, torch's version, the compiler and the
+flags, so a torch upgrade rebuilds). Build once:
 ~15 s on a 2-core machine. If anything fails (no compiler, no headers, a torch whose C++ API differs), `load()`
 logs one warning and returns False, and callers keep their pure-PyTorch path: the package never needs these.
 
