@@ -1,8 +1,9 @@
-"""Reference S3Gen flow timing. Runs in the ORACLE venv (chatterbox-tts 0.1.7); prints one JSON object on stdout.
+"""Reference S3Gen flow + HiFT timing. Runs in the ORACLE venv (chatterbox-tts 0.1.7); prints one JSON object on stdout.
 
 Started by benchmarks/s3gen.py as a subprocess. Builds the reference `S3Gen()` only, loads s3gen.safetensors and
-times `S3Gen.flow_inference(tokens, ref_dict=prompt, n_cfm_timesteps=10, finalize=True)` (the path
-`S3Gen.inference` takes) on the synthetic prompt of `prompt_inputs` (same function, same values, as s3gen.py).
+times `S3Gen.flow_inference(tokens, ref_dict=prompt, n_cfm_timesteps=10, finalize=True)` and then
+`S3Gen.hift_inference(mel)` (the path `S3Gen.inference` takes) on the synthetic prompt of `prompt_inputs` (same
+function, same values, as s3gen.py).
 The estimator is wrapped to time each of its calls as well.
 """
 
@@ -82,7 +83,7 @@ def main() -> None:
         return out
 
     est.forward = timed
-    times = []
+    times, hift_times = [], []
     for i in range(a.warmup + a.iters):
         if i == a.warmup:
             est_ms.clear()
@@ -92,9 +93,20 @@ def main() -> None:
         _sync(a.device)
         if i >= a.warmup:
             times.append((time.perf_counter() - t) * 1e3)
+        _sync(a.device)
+        t = time.perf_counter()
+        wav, _ = model.hift_inference(mel)
+        _sync(a.device)
+        if i >= a.warmup:
+            hift_times.append((time.perf_counter() - t) * 1e3)
     print(json.dumps({
         "load_s": load_s,
         "flow_ms": {"min_ms": min(times), "median_ms": statistics.median(times), "iters": len(times)},
+        "flow_all_ms": times,
+        "hift_all_ms": hift_times,
+        "estimator_all_ms": est_ms,
+        "hift_ms": {"min_ms": min(hift_times), "median_ms": statistics.median(hift_times), "iters": len(hift_times)},
+        "wav_samples": wav.shape[-1],
         "estimator_call_ms": {"min_ms": min(est_ms), "median_ms": statistics.median(est_ms), "calls": len(est_ms)},
         "mel_shape": list(mel.shape),
         "threads": torch.get_num_threads(),

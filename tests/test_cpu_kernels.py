@@ -129,6 +129,96 @@ def test_decode_attention_bad_inputs(ops):
         ops.decode_attention(q, kc[:, :8], kc, torch.tensor([1]), 0.125)
 
 
+def _attention_fp64(q, k, v, scale):
+    """softmax(q k^T * scale) v in fp64 for (B, T, H, D) inputs -> (B, T, H, D)."""
+    import torch.nn.functional as F
+
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q64, k64, v64, scale=scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("t", [1, 5, 31, 32, 33, 47, 48, 49, 77, 300])
+@pytest.mark.parametrize("d", [64, 32])
+def test_full_attention_matches_fp64(ops, t, d):
+    """S3Gen estimator attention on (B, T, H, D) views of the q/k/v linears' outputs (row stride H*D; k and v from
+    one fused buffer: a different stride), every tail of the 48-query blocks, 32-key panels and 16-lane vectors.
+    Observed max error ~1e-6 (fp32 sums over T keys); bound 5e-6 at |y| <~ 3."""
+    g = torch.Generator().manual_seed(t * 100 + d)
+    q = torch.randn(2, t, 8 * d, generator=g).view(2, t, 8, d)
+    kv = torch.randn(2, t, 2 * 8 * d, generator=g)
+    k, v = kv[..., : 8 * d].view(2, t, 8, d), kv[..., 8 * d:].view(2, t, 8, d)
+    got = ops.full_attention(q, k, v, d ** -0.5)
+    assert got.shape == (2, t, 8, d) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), _attention_fp64(q, k, v, d ** -0.5), rtol=0, atol=5e-6)
+
+
+def test_full_attention_peaked_and_flat_softmax(ops):
+    """Large logits (|s| ~ 300: near one-hot rows, the max subtraction must be exact; fp32 logits then carry ~1e-5
+    absolute error, so the bound is relative to fp32 SDPA's own error) and all-equal logits (uniform rows)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 100, 2, 64, generator=g) * 40
+    k, v = torch.randn(1, 100, 2, 64, generator=g), torch.randn(1, 100, 2, 64, generator=g)
+    got = ops.full_attention(q, k, v, 0.125)
+    assert torch.isfinite(got).all()
+    exact = _attention_fp64(q, k, v, 0.125)
+    sdpa = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=0.125).transpose(1, 2)
+    err, err_sdpa = (got.double() - exact).abs().max().item(), (sdpa.double() - exact).abs().max().item()
+    assert err <= max(3 * err_sdpa, 5e-6), (err, err_sdpa)
+    flat = ops.full_attention(torch.zeros(1, 50, 1, 64), k[:, :50, :1], v[:, :50, :1], 0.125)
+    torch.testing.assert_close(flat, v[:, :50, :1].mean(1, keepdim=True).expand_as(flat), rtol=0, atol=1e-6)
+
+
+def test_full_attention_bad_inputs(ops):
+    x = torch.zeros(1, 8, 2, 64)
+    with pytest.raises(RuntimeError, match="same shape"):
+        ops.full_attention(x, x[:, :4], x[:, :4], 0.125)
+    with pytest.raises(RuntimeError, match="float32 CPU tensors with a contiguous last dim"):
+        ops.full_attention(x.double(), x.double(), x.double(), 0.125)
+    with pytest.raises(RuntimeError, match="contiguous last dim"):
+        y = torch.zeros(1, 8, 64, 2).transpose(2, 3)
+        ops.full_attention(y, y, y, 0.125)
+    with pytest.raises(RuntimeError, match="empty sequence"):
+        e = torch.zeros(1, 0, 2, 64)
+        ops.full_attention(e, e, e, 0.125)
+
+
+def test_estimator_with_and_without_our_attention(ops, monkeypatch):
+    """S3Gen's CFM estimator through our attention (the CPU default once loaded) vs ATen's SDPA, same weights and
+    inputs: the op is called once per transformer block and the velocities agree to fp32 noise."""
+    from chatterbox_fast.models.s3gen import estimator as est_mod
+
+    torch.manual_seed(0)
+    cfg = est_mod.EstimatorConfig(channels=64, num_mid_blocks=2, n_blocks=1, num_heads=2, head_dim=64,
+                                  time_embed_dim=128)
+    model = est_mod.ConditionalDecoder(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    x, mu, cond = (torch.randn(2, 80, 70, generator=g) for _ in range(3))
+    spks, t = torch.randn(2, 80, generator=g), torch.rand(2, generator=g)
+    calls = {"n": 0}
+    real = torch.ops.chatterbox_fast.full_attention
+
+    def counting(*a):
+        calls["n"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(est_mod.torch.ops.chatterbox_fast, "full_attention", counting, raising=False)
+    ours = model(x, None, mu, t, spks, cond)
+    assert calls["n"] == 4, calls  # down, 2 mid, up: one transformer block each
+    monkeypatch.setattr(kernels, "full_attention_ready", lambda: False)
+    aten = model(x, None, mu, t, spks, cond)
+    assert calls["n"] == 4
+    torch.testing.assert_close(ours, aten, rtol=0, atol=2e-5 * aten.abs().max().item())
+    calls["n"] = 0
+    monkeypatch.undo()
+    mask = torch.ones(2, 1, 70)
+    model(x, mask, mu, t, spks, cond)  # with a padding mask: SDPA with the key bias, not our kernel
+    assert calls["n"] == 0
+
+
 def test_extreme_values_are_not_clipped(ops):
     """-128 (never produced by our quantiser, but valid int8) and large activations widen exactly."""
     x = torch.tensor([[1e6, -3.0, 0.5] * 6])
@@ -161,7 +251,9 @@ def test_ops_trace_into_one_compiled_graph(ops):
     wb = torch.randn(24, 32).bfloat16()
 
     def f(x):
-        return ops.int8_linear(x, w8, s) + ops.bf16_linear(x, wb)
+        a = x.view(2, 4, 2, 4)  # (B, T, H, D) view for the attention
+        attn = ops.full_attention(a, a, a, 0.5).reshape(2, 32)[:, :24]
+        return ops.int8_linear(x, w8, s) + ops.bf16_linear(x, wb) + attn
 
     x = torch.randn(2, 32)
     torch._dynamo.reset()
@@ -217,6 +309,13 @@ def test_other_isa_builds_match_fp64(isa):
                 ref = x.double() @ w64.T
                 tol = 1e-6 * (x.double().abs() @ w64.abs().T) + 1e-7
                 assert bool(((y.double() - ref).abs() <= tol).all()), (isa, m, n, k)
+        for t, d in [(5, 64), (33, 16)]:  # the estimator attention (a plain loop in these builds)
+            q, k, v = (torch.randn(2, t, 3, d, generator=g) for _ in range(3))
+            y = torch.ops.chatterbox_fast.full_attention(q, k, v, d ** -0.5).double()
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                *(a.double().transpose(1, 2) for a in (q, k, v)), scale=d ** -0.5).transpose(1, 2)
+            assert float((y - ref).abs().max()) < 5e-6, (isa, t, d)
+        assert not kernels.full_attention_ready()
     """ % isa
     env = dict(os.environ, CHATTERBOX_FAST_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, timeout=600, capture_output=True,

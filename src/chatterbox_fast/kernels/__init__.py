@@ -1,4 +1,5 @@
-"""Optional C++ CPU kernels (`cpu_linear.cpp`) for T3's decode step: weight-only int8 / bf16 linears, attention.
+"""Optional C++ CPU kernels (`cpu_linear.cpp`): T3 decode's weight-only int8 / bf16 linears and attention, and the
+full self-attention of S3Gen's CFM estimator.
 
 They are compiled from source on the first `load()` (the engine calls it when it loads on a CPU) with the system
 C++ compiler (the one torch.compile's CPU backend also needs), against the installed torch's headers, and cached
@@ -14,6 +15,9 @@ them in one graph as extern calls; fake implementations below give their output 
 Both accumulate in fp32 over fp32 activations: the only rounding is the stored weight's.
 - `torch.ops.chatterbox_fast.decode_attention(q (B, H, 1, D), k_cache, v_cache (B, H, S, D), input_pos (1,), scale)
   -> (B, H, 1, D)`: T3's single-query attention over the cache slots <= input_pos, fp32 (see the source).
+- `torch.ops.chatterbox_fast.full_attention(q, k, v (B, T, H, D), scale) -> (B, T, H, D)` contiguous: unmasked
+  softmax(q k^T * scale) v per (batch, head), fp32, on (B, T, H, D) views with a contiguous last dim (no transposes);
+  the estimator's attention (register-tiled AVX-512 path for D = 64, a plain loop otherwise).
 
 Environment:
 - CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).
@@ -130,6 +134,10 @@ def _register_fakes() -> None:
     def _decode_attention_fake(q, k_cache, v_cache, input_pos, scale):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("chatterbox_fast::full_attention")
+    def _full_attention_fake(q, k, v, scale):
+        return q.new_empty(q.shape)  # contiguous (B, T, H, D)
+
 
 def load() -> bool:
     """Build (once, cached) and load the CPU kernels; True when `torch.ops.chatterbox_fast.*` can be called.
@@ -166,6 +174,12 @@ def available() -> bool:
 def decode_attention_ready() -> bool:
     """True when T3's decode step should use `chatterbox_fast::decode_attention` (loaded, AVX-512 build: the portable
     build's loop would be slower than ATen's kernel)."""
+    return _state["ok"] and _state["isa"] == "avx512"
+
+
+def full_attention_ready() -> bool:
+    """True when S3Gen's estimator should use `chatterbox_fast::full_attention` (loaded, AVX-512 build: elsewhere
+    the op runs a plain loop, slower than ATen's SDPA)."""
     return _state["ok"] and _state["isa"] == "avx512"
 
 

@@ -1,3 +1,6 @@
+// CPU kernels: T3 decode's weight-only low-precision linears and single-query attention, and S3Gen estimator's
+// full self-attention (sections below).
+//
 // Weight-only low-precision linears for T3's decode step on CPU: y (M, N) = x (M, K) @ dequant(w (N, K))^T.
 //
 // Decoding one token at batch 2 (CFG) reads every weight once and does 2 FMAs with it, so the step is bound by
@@ -18,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -258,6 +262,240 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return y;
 }
 
+// ---- full (unmasked) self-attention for S3Gen's CFM estimator: T queries x T keys per (batch, head) -------------
+//
+// The estimator runs 56 attentions over the whole mel (T ~ 750-1100 frames, 8 heads of 64, CFG batch 2) per call,
+// ~45 % of its FLOPs. ATen's CPU flash kernel does them at ~40-60 % of this machine's GEMM rate; this kernel keeps
+// everything of one (batch, head) in L2 and runs both products as register-tiled AVX-512 micro-kernels:
+//   - pack K^T into 32-key panels (D x 32, 8 KB: the QK micro-kernel's B operand stays in L1) and V into (T, D) rows;
+//   - per block of 48 queries (q pre-scaled by scale * log2 e): S = Q K^T with 12 x 32 tiles, the row maxima
+//     tracked in the same pass; exact row softmax in base 2 over the whole row (no online rescaling: the block's
+//     48 x T scores fit in L2), 1 / row sum kept; O = P V with 6 x 64 tiles over V blocks of 32 rows (L1), then
+//     O / sum written straight into the (B, T, H, D) output.
+// Inputs are (B, T, H, D) views with a contiguous last dim (the q/k/v linears' outputs, no transpose copies).
+// fp32 throughout; differs from SDPA by float rounding (~1e-6 relative). Other ISAs / head sizes: a plain loop.
+namespace full {
+constexpr int D = 64;    // head size of the fast path
+constexpr int QR = 12;   // QK tile rows (12 x 2 accumulators)
+constexpr int PR = 6;    // PV tile rows (6 x 4 accumulators)
+constexpr int MB = 48;   // queries per block (a multiple of QR and PR)
+constexpr int TB = 32;   // V rows per PV block
+
+struct Buf {  // per-thread scratch, grown on demand and kept (the ATen/OpenMP pool threads persist)
+  float* p = nullptr;
+  size_t n = 0;
+  float* get(size_t m) {
+    if (m > n) {
+      std::free(p);
+      p = static_cast<float*>(std::aligned_alloc(64, (m * sizeof(float) + 63) / 64 * 64));
+      TORCH_CHECK(p != nullptr, "full_attention: out of memory");
+      n = m;
+    }
+    return p;
+  }
+  ~Buf() { std::free(p); }
+};
+
+struct Head {  // one (batch, head): row pointers and row strides in floats
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  int64_t ldq, ldk, ldv, ldo;
+};
+
+#if defined(__AVX512F__)
+// S[r][0..32) = qp[r] . kt panel (D x 32), r < QR; rmax[r] = max(rmax[r], S[r][..])
+inline void qk_tile(const float* qp, const float* kt, float* s, int64_t lds, __m512* rmax) {
+  __m512 a0[QR], a1[QR];
+  for (int r = 0; r < QR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    const __m512 b0 = _mm512_loadu_ps(kt + d * 32), b1 = _mm512_loadu_ps(kt + d * 32 + 16);
+    for (int r = 0; r < QR; ++r) {
+      const __m512 a = _mm512_set1_ps(qp[r * D + d]);
+      a0[r] = _mm512_fmadd_ps(a, b0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(a, b1, a1[r]);
+    }
+  }
+  for (int r = 0; r < QR; ++r) {
+    _mm512_storeu_ps(s + r * lds, a0[r]);
+    _mm512_storeu_ps(s + r * lds + 16, a1[r]);
+    rmax[r] = _mm512_max_ps(rmax[r], _mm512_max_ps(a0[r], a1[r]));
+  }
+}
+
+// o[r][0..64) (+)= sum_{t < n} p[r][t] v[t][0..64), r < PR
+inline void pv_tile(const float* p, int64_t ldp, const float* v, int n, float* o, bool first) {
+  __m512 c[PR][4];
+  for (int r = 0; r < PR; ++r)
+    for (int j = 0; j < 4; ++j) c[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * D + j * 16);
+  for (int t = 0; t < n; ++t) {
+    const float* vt = v + t * D;
+    const __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16), v2 = _mm512_loadu_ps(vt + 32),
+                 v3 = _mm512_loadu_ps(vt + 48);
+    for (int r = 0; r < PR; ++r) {
+      const __m512 a = _mm512_set1_ps(p[r * ldp + t]);
+      c[r][0] = _mm512_fmadd_ps(a, v0, c[r][0]);
+      c[r][1] = _mm512_fmadd_ps(a, v1, c[r][1]);
+      c[r][2] = _mm512_fmadd_ps(a, v2, c[r][2]);
+      c[r][3] = _mm512_fmadd_ps(a, v3, c[r][3]);
+    }
+  }
+  for (int r = 0; r < PR; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + r * D + j * 16, c[r][j]);
+}
+
+inline void prefetch_row(const float* p) {
+  for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(p + c), _MM_HINT_T0);
+}
+
+// K^T panels (panel j: keys [32 j, 32 j + 32) as D x 32, zero beyond T) and V rows (T x D), both contiguous.
+void pack_kv(const Head& h, int64_t T, int64_t Tp, float* kt, float* vv) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(h.ldk)));
+  for (int64_t t = 0; t < Tp; t += 16) {
+    for (int64_t u = t + 32; u < std::min<int64_t>(t + 48, T); ++u) {  // rows are strided: prefetch ahead
+      prefetch_row(h.k + u * h.ldk);
+      prefetch_row(h.v + u * h.ldv);
+    }
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, T - t));
+    const __mmask16 mk = static_cast<__mmask16>((1u << n) - 1);
+    float* kp = kt + (t / 32) * (D * 32) + (t % 32);
+    const float* kr = h.k + t * h.ldk;
+    for (int d = 0; d < D; ++d)
+      _mm512_storeu_ps(kp + d * 32, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, idx, kr + d, 4));
+    for (int64_t u = t; u < t + n; ++u) std::memcpy(vv + u * D, h.v + u * h.ldv, D * sizeof(float));
+  }
+}
+
+// exp2(s - max) over a row in place; returns the row sum
+inline float softmax_row(float* sr, int64_t T, float mx) {
+  const __m512 mv = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps(), sum2 = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 32 <= T; t += 32) {
+    const __m512 e = dec::exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + t), mv));
+    const __m512 e2 = dec::exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + t + 16), mv));
+    _mm512_storeu_ps(sr + t, e);
+    _mm512_storeu_ps(sr + t + 16, e2);
+    sum = _mm512_add_ps(sum, e);
+    sum2 = _mm512_add_ps(sum2, e2);
+  }
+  for (; t < T; t += 16) {
+    const __mmask16 mk = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(mk, dec::exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr + t), mv)));
+    _mm512_mask_storeu_ps(sr + t, mk, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(sum, sum2));
+}
+
+void attend_head(const Head& h, int64_t T, float qscale) {
+  thread_local Buf bkt, bv, bs, bq, bo;
+  const int64_t Tp = (T + 31) / 32 * 32;
+  const int64_t lds = Tp + 16;  // score row stride: never a multiple of 4 KB (L1 set aliasing)
+  float* kt = bkt.get(D * Tp);
+  float* vv = bv.get(T * D);
+  float* s = bs.get(MB * lds);
+  float* qp = bq.get(MB * D);
+  float* o = bo.get(MB * D);
+  pack_kv(h, T, Tp, kt, vv);
+  const int64_t Tfull = T / 32 * 32;
+  const __m512 qs = _mm512_set1_ps(qscale);
+  alignas(64) __m512 rmax[MB];
+  alignas(64) __m512 spare[QR];
+  float linv[MB];
+  for (int64_t m0 = 0; m0 < T; m0 += MB) {
+    const int rows = static_cast<int>(std::min<int64_t>(MB, T - m0));
+    const int rq = (rows + QR - 1) / QR * QR, rp = (rows + PR - 1) / PR * PR;
+    for (int64_t u = m0 + MB; u < std::min<int64_t>(m0 + 2 * MB, T); ++u) prefetch_row(h.q + u * h.ldq);
+    for (int r = 0; r < rq; ++r) {  // q block, pre-scaled; rows past T are zeros
+      const float* qr = h.q + (m0 + r) * h.ldq;
+      for (int d = 0; d < D; d += 16)
+        _mm512_storeu_ps(qp + r * D + d, r < rows ? _mm512_mul_ps(_mm512_loadu_ps(qr + d), qs) : _mm512_setzero_ps());
+      rmax[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    }
+    for (int64_t j = 0; j < Tfull; j += 32)
+      for (int r = 0; r < rq; r += QR) qk_tile(qp + r * D, kt + j * D, s + r * lds + j, lds, rmax + r);
+    if (Tfull < T) {  // last panel: its zero-padded keys must not enter the row maxima
+      for (int r = 0; r < rq; r += QR) qk_tile(qp + r * D, kt + Tfull * D, s + r * lds + Tfull, lds, spare);
+      for (int r = 0; r < rows; ++r)
+        for (int64_t t = Tfull; t < T; ++t) rmax[r] = _mm512_max_ps(rmax[r], _mm512_set1_ps(s[r * lds + t]));
+    }
+    for (int r = 0; r < rows; ++r) linv[r] = 1.f / softmax_row(s + r * lds, T, _mm512_reduce_max_ps(rmax[r]));
+    for (int r = rows; r < rp; ++r) std::memset(s + r * lds, 0, lds * sizeof(float));  // padded rows of P
+    for (int64_t t0 = 0; t0 < T; t0 += TB) {
+      const int n = static_cast<int>(std::min<int64_t>(TB, T - t0));
+      for (int r = 0; r < rp; r += PR) pv_tile(s + r * lds + t0, lds, vv + t0 * D, n, o + r * D, t0 == 0);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const __m512 li = _mm512_set1_ps(linv[r]);
+      float* orow = h.out + (m0 + r) * h.ldo;
+      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), li));
+    }
+  }
+}
+#endif
+
+// Any ISA / head size: one query row at a time (exact softmax, base 2), for the portable builds and tests.
+void attend_head_generic(const Head& h, int64_t T, int64_t Dh, float qscale) {
+  std::vector<float> sc(static_cast<size_t>(T)), acc(static_cast<size_t>(Dh));
+  for (int64_t i = 0; i < T; ++i) {
+    const float* qi = h.q + i * h.ldq;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < T; ++t) {
+      const float* kt = h.k + t * h.ldk;
+      float a = 0.f;
+      for (int64_t d = 0; d < Dh; ++d) a += qi[d] * qscale * kt[d];
+      sc[t] = a;
+      mx = std::max(mx, a);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < T; ++t) sum += (sc[t] = std::exp2(sc[t] - mx));
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = 0; d < Dh; ++d) acc[d] += sc[t] * h.v[t * h.ldv + d];
+    for (int64_t d = 0; d < Dh; ++d) h.out[i * h.ldo + d] = acc[d] / sum;
+  }
+}
+}  // namespace full
+
+at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 && t->stride(3) == 1,
+                "full_attention: q, k and v must be (B, T, H, D) float32 CPU tensors with a contiguous last dim, "
+                "got ", t->sizes(), " ", t->scalar_type(), " strides ", t->strides());
+    TORCH_CHECK(t->sizes() == q.sizes(), "full_attention: q, k and v must have the same shape, got ", q.sizes(),
+                " and ", t->sizes());
+  }
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
+  TORCH_CHECK(T >= 1 && Dh >= 1, "full_attention: empty sequence or head, got ", q.sizes());
+  TORCH_CHECK(T < (int64_t{1} << 24) && q.stride(1) < (int64_t{1} << 24) && k.stride(1) < (int64_t{1} << 24),
+              "full_attention: sequence or row stride too large");
+  at::Tensor y = at::empty({B, T, H, Dh}, q.options());
+  const float qscale = static_cast<float>(scale * 1.4426950408889634);  // base-2 softmax
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = g / H, hh = g % H;
+      const full::Head h{qp + b * q.stride(0) + hh * q.stride(2), kp + b * k.stride(0) + hh * k.stride(2),
+                         vp + b * v.stride(0) + hh * v.stride(2), yp + (b * T * H + hh) * Dh,
+                         q.stride(1), k.stride(1), v.stride(1), H * Dh};
+#if defined(__AVX512F__)
+      if (Dh == full::D) {
+        full::attend_head(h, T, qscale);
+        continue;
+      }
+#endif
+      full::attend_head_generic(h, T, Dh, qscale);
+    }
+  });
+  return y;
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& w, at::ScalarType wdtype, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors expected");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
@@ -305,12 +543,14 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale) -> Tensor");
+  m.def("full_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("decode_attention", &decode_attention);
+  m.impl("full_attention", &full_attention);
 }
 
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.

@@ -1,7 +1,8 @@
 """S3Gen flow (speech tokens + prompt -> mel) against the reference (tests/reference/dumps/s3gen_flow.py).
 
 Same random weights, fp32, same injected CFM noise. Our kernels sum in a different order from the reference
-(im2col GEMMs instead of mkldnn convolutions, SDPA instead of matmul + softmax), so values agree to float rounding
+(im2col GEMMs instead of mkldnn convolutions, SDPA, or on an AVX-512 CPU our own attention kernel, instead of
+matmul + softmax), so values agree to float rounding
 only. Tolerances (abs) are ~10x the largest errors measured on a 2-core x86 CPU (torch 2.13):
   encoder output h / mu : measured <= 2.1e-6 (|h| ~ 5, |mu| ~ 3), up to 2024 frames   -> 2e-5
   one estimator call    : measured <= 8.2e-6 (|v| ~ 4), up to 1000 frames              -> 1e-4

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import kernels as cpu_kernels
+
 __all__ = ["EstimatorConfig", "ConditionalDecoder", "sinusoidal_time_embedding"]
 
 
@@ -127,6 +129,12 @@ class CausalResnetBlock1D(nn.Module):
         return h.add_(self.res_conv(_apply_mask(x, mask)))
 
 
+def _cpu_full_attention(x: torch.Tensor, head_dim: int) -> bool:
+    """Our CPU estimator attention applies: fp32 on CPU, no autograd, head size 64, AVX-512 kernel built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and head_dim == 64 and not torch.is_grad_enabled()
+            and cpu_kernels.full_attention_ready())
+
+
 class Attention(nn.Module):
     """Self-attention, q/k/v without bias, SDPA with scale 1/sqrt(head_dim); `to_out.0` is the output Linear."""
 
@@ -143,6 +151,11 @@ class Attention(nn.Module):
     def attend(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         """(B, T, C) -> (B, T, H*hd) attention output before `to_out`."""
         b, t, _ = x.shape
+        if attn_bias is None and _cpu_full_attention(x, self.head_dim):
+            # our CPU kernel (kernels/cpu_linear.cpp) reads the (B, T, H, hd) views directly and writes (B, T, H, hd)
+            q, k, v = (lin(x).view(b, t, self.heads, self.head_dim) for lin in (self.to_q, self.to_k, self.to_v))
+            y = torch.ops.chatterbox_fast.full_attention(q, k, v, 1.0 / math.sqrt(self.head_dim))
+            return y.view(b, t, self.heads * self.head_dim)
         q = self.to_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.to_k(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         v = self.to_v(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
