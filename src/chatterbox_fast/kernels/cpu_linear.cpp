@@ -266,19 +266,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 //
 // The estimator runs 56 attentions over the whole mel (T ~ 750-1100 frames, 8 heads of 64, CFG batch 2) per call,
 // ~45 % of its FLOPs. ATen's CPU flash kernel does them at ~40-60 % of this machine's GEMM rate; this kernel keeps
-// everything of one (batch, head) in L2 and runs both products as register-tiled AVX-512 micro-kernels:
-//   - pack K^T into 32-key panels (D x 32, 8 KB: the QK micro-kernel's B operand stays in L1) and V into (T, D) rows;
-//   - per block of 48 queries (q pre-scaled by scale * log2 e): S = Q K^T with 12 x 32 tiles, the row maxima
+// everything of one (batch, head) in L2 and runs both products as register-tiled micro-kernels:
+//   - pack K^T into panels of KW keys (D x KW: the QK micro-kernel's B operand stays in L1) and V into (T, D) rows;
+//   - per block of MB = 48 queries (q pre-scaled by scale * log2 e): S = Q K^T in QR x KW tiles, the row maxima
 //     tracked in the same pass; exact row softmax in base 2 over the whole row (no online rescaling: the block's
-//     48 x T scores fit in L2), 1 / row sum kept; O = P V with 6 x 64 tiles over V blocks of 32 rows (L1), then
+//     48 x T scores fit in L2), 1 / row sum kept; O = P V in PR-row tiles over V blocks of 32 rows (L1), then
 //     O / sum written straight into the (B, T, H, D) output.
+// AVX-512: 12 x 32 QK tiles, 6 x 64 PV tiles. AVX2 (16 registers): 6 x 16 QK tiles, 3 x 32 PV tiles (two halves of D).
 // Inputs are (B, T, H, D) views with a contiguous last dim (the q/k/v linears' outputs, no transpose copies).
-// fp32 throughout; differs from SDPA by float rounding (~1e-6 relative). Other ISAs / head sizes: a plain loop.
+// fp32 throughout; differs from SDPA by float rounding (~1e-6 relative). Other builds / head sizes: a plain loop.
 namespace full {
-constexpr int D = 64;    // head size of the fast path
-constexpr int QR = 12;   // QK tile rows (12 x 2 accumulators)
-constexpr int PR = 6;    // PV tile rows (6 x 4 accumulators)
-constexpr int MB = 48;   // queries per block (a multiple of QR and PR)
+constexpr int D = 64;    // head size of the fast paths
+constexpr int MB = 48;   // queries per block (a multiple of every QR and PR)
 constexpr int TB = 32;   // V rows per PV block
 
 struct Buf {  // per-thread scratch, grown on demand and kept (the ATen/OpenMP pool threads persist)
@@ -304,95 +303,180 @@ struct Head {  // one (batch, head): row pointers and row strides in floats
   int64_t ldq, ldk, ldv, ldo;
 };
 
+inline void prefetch_row(const float* p) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(p + c), _MM_HINT_T0);
+#endif
+}
+
 #if defined(__AVX512F__)
-// S[r][0..32) = qp[r] . kt panel (D x 32), r < QR; rmax[r] = max(rmax[r], S[r][..])
-inline void qk_tile(const float* qp, const float* kt, float* s, int64_t lds, __m512* rmax) {
-  __m512 a0[QR], a1[QR];
-  for (int r = 0; r < QR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+struct Isa {
+  using V = __m512;
+  static constexpr int L = 16, KW = 32, QR = 12, PR = 6, PW = 64;  // PW: PV tile width (columns of D)
+  static V zero() { return _mm512_setzero_ps(); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static float reduce_max(V x) { return _mm512_reduce_max_ps(x); }
+  static V exp2(V x) { return dec::exp2_ps(x); }
+  static float reduce_add(V x) { return _mm512_reduce_add_ps(x); }
+  static __mmask16 mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+  static V load_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void store_tail(float* p, V x, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
+  static V gather(const float* base, int64_t stride, int64_t n) {  // base[i * stride], i < n; zeros after
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int>(stride)));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask(n), idx, base, 4);
+  }
+};
+#elif defined(__AVX2__)
+struct Isa {
+  using V = __m256;
+  static constexpr int L = 8, KW = 16, QR = 6, PR = 3, PW = 32;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static float reduce_max(V x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static float reduce_add(V x) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+  }
+  static V exp2(V x) {  // 2^x for x <= 0, as dec::exp2_ps: relative error ~1e-7, exactly 0 below 2^-126
+    const __m256 lo = _mm256_set1_ps(-126.f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  }
+  static __m256i mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load_tail(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask(n)); }
+  static void store_tail(float* p, V x, int64_t n) { _mm256_maskstore_ps(p, mask(n), x); }
+  static V gather(const float* base, int64_t stride, int64_t n) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(static_cast<int>(stride)));
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(mask(n)), 4);
+  }
+};
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+using V = Isa::V;
+constexpr int L = Isa::L, KW = Isa::KW, QR = Isa::QR, PR = Isa::PR, KV = KW / L;
+static_assert(MB % QR == 0 && MB % PR == 0 && D % Isa::PW == 0 && Isa::PW % L == 0, "tile sizes");
+
+// S[r][0..KW) = qp[r] . kt panel (D x KW), r < QR; rmax[r] = max(rmax[r], S[r][..])
+inline void qk_tile(const float* qp, const float* kt, float* s, int64_t lds, V* rmax) {
+  V acc[QR][KV];
+  for (int r = 0; r < QR; ++r)
+    for (int j = 0; j < KV; ++j) acc[r][j] = Isa::zero();
   for (int d = 0; d < D; ++d) {
-    const __m512 b0 = _mm512_loadu_ps(kt + d * 32), b1 = _mm512_loadu_ps(kt + d * 32 + 16);
+    V b[KV];
+    for (int j = 0; j < KV; ++j) b[j] = Isa::load(kt + d * KW + j * L);
     for (int r = 0; r < QR; ++r) {
-      const __m512 a = _mm512_set1_ps(qp[r * D + d]);
-      a0[r] = _mm512_fmadd_ps(a, b0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(a, b1, a1[r]);
+      const V a = Isa::set1(qp[r * D + d]);
+      for (int j = 0; j < KV; ++j) acc[r][j] = Isa::fma(a, b[j], acc[r][j]);
     }
   }
   for (int r = 0; r < QR; ++r) {
-    _mm512_storeu_ps(s + r * lds, a0[r]);
-    _mm512_storeu_ps(s + r * lds + 16, a1[r]);
-    rmax[r] = _mm512_max_ps(rmax[r], _mm512_max_ps(a0[r], a1[r]));
-  }
-}
-
-// o[r][0..64) (+)= sum_{t < n} p[r][t] v[t][0..64), r < PR
-inline void pv_tile(const float* p, int64_t ldp, const float* v, int n, float* o, bool first) {
-  __m512 c[PR][4];
-  for (int r = 0; r < PR; ++r)
-    for (int j = 0; j < 4; ++j) c[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * D + j * 16);
-  for (int t = 0; t < n; ++t) {
-    const float* vt = v + t * D;
-    const __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16), v2 = _mm512_loadu_ps(vt + 32),
-                 v3 = _mm512_loadu_ps(vt + 48);
-    for (int r = 0; r < PR; ++r) {
-      const __m512 a = _mm512_set1_ps(p[r * ldp + t]);
-      c[r][0] = _mm512_fmadd_ps(a, v0, c[r][0]);
-      c[r][1] = _mm512_fmadd_ps(a, v1, c[r][1]);
-      c[r][2] = _mm512_fmadd_ps(a, v2, c[r][2]);
-      c[r][3] = _mm512_fmadd_ps(a, v3, c[r][3]);
+    V m = rmax[r];
+    for (int j = 0; j < KV; ++j) {
+      Isa::store(s + r * lds + j * L, acc[r][j]);
+      m = Isa::max(m, acc[r][j]);
     }
+    rmax[r] = m;
   }
-  for (int r = 0; r < PR; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + r * D + j * 16, c[r][j]);
 }
 
-inline void prefetch_row(const float* p) {
-  for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(p + c), _MM_HINT_T0);
+// o[r][c0..c0+W) (+)= sum_{t < n} p[r][t] v[t][c0..c0+W), r < PR, for each column group of W = D / groups
+inline void pv_tile(const float* p, int64_t ldp, const float* v, int n, float* o, bool first) {
+  constexpr int W = Isa::PW, WV = W / L;  // PR x WV accumulators: AVX-512 6 x 4, AVX2 3 x 4
+  for (int c0 = 0; c0 < D; c0 += W) {
+    V c[PR][WV];
+    for (int r = 0; r < PR; ++r)
+      for (int j = 0; j < WV; ++j) c[r][j] = first ? Isa::zero() : Isa::load(o + r * D + c0 + j * L);
+    for (int t = 0; t < n; ++t) {
+      V vt[WV];
+      for (int j = 0; j < WV; ++j) vt[j] = Isa::load(v + t * D + c0 + j * L);
+      for (int r = 0; r < PR; ++r) {
+        const V a = Isa::set1(p[r * ldp + t]);
+        for (int j = 0; j < WV; ++j) c[r][j] = Isa::fma(a, vt[j], c[r][j]);
+      }
+    }
+    for (int r = 0; r < PR; ++r)
+      for (int j = 0; j < WV; ++j) Isa::store(o + r * D + c0 + j * L, c[r][j]);
+  }
 }
 
-// K^T panels (panel j: keys [32 j, 32 j + 32) as D x 32, zero beyond T) and V rows (T x D), both contiguous.
+// K^T panels (panel j: keys [KW j, KW j + KW) as D x KW, zero beyond T) and V rows (T x D), both contiguous.
 void pack_kv(const Head& h, int64_t T, int64_t Tp, float* kt, float* vv) {
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(h.ldk)));
-  for (int64_t t = 0; t < Tp; t += 16) {
-    for (int64_t u = t + 32; u < std::min<int64_t>(t + 48, T); ++u) {  // rows are strided: prefetch ahead
+  for (int64_t t = 0; t < Tp; t += L) {
+    for (int64_t u = t + 2 * KW; u < std::min<int64_t>(t + 2 * KW + L, T); ++u) {  // strided rows: prefetch ahead
       prefetch_row(h.k + u * h.ldk);
       prefetch_row(h.v + u * h.ldv);
     }
-    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, T - t));
-    const __mmask16 mk = static_cast<__mmask16>((1u << n) - 1);
-    float* kp = kt + (t / 32) * (D * 32) + (t % 32);
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(L, T - t));
+    float* kp = kt + (t / KW) * (D * KW) + (t % KW);
     const float* kr = h.k + t * h.ldk;
-    for (int d = 0; d < D; ++d)
-      _mm512_storeu_ps(kp + d * 32, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, idx, kr + d, 4));
+    for (int d = 0; d < D; ++d) Isa::store(kp + d * KW, n > 0 ? Isa::gather(kr + d, h.ldk, n) : Isa::zero());
     for (int64_t u = t; u < t + n; ++u) std::memcpy(vv + u * D, h.v + u * h.ldv, D * sizeof(float));
   }
 }
 
 // exp2(s - max) over a row in place; returns the row sum
 inline float softmax_row(float* sr, int64_t T, float mx) {
-  const __m512 mv = _mm512_set1_ps(mx);
-  __m512 sum = _mm512_setzero_ps(), sum2 = _mm512_setzero_ps();
+  const V mv = Isa::set1(mx);
+  V sum = Isa::zero(), sum2 = Isa::zero();
   int64_t t = 0;
-  for (; t + 32 <= T; t += 32) {
-    const __m512 e = dec::exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + t), mv));
-    const __m512 e2 = dec::exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + t + 16), mv));
-    _mm512_storeu_ps(sr + t, e);
-    _mm512_storeu_ps(sr + t + 16, e2);
-    sum = _mm512_add_ps(sum, e);
-    sum2 = _mm512_add_ps(sum2, e2);
+  for (; t + 2 * L <= T; t += 2 * L) {
+    const V e = Isa::exp2(Isa::sub(Isa::load(sr + t), mv)), e2 = Isa::exp2(Isa::sub(Isa::load(sr + t + L), mv));
+    Isa::store(sr + t, e);
+    Isa::store(sr + t + L, e2);
+    sum = Isa::add(sum, e);
+    sum2 = Isa::add(sum2, e2);
   }
-  for (; t < T; t += 16) {
-    const __mmask16 mk = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(mk, dec::exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr + t), mv)));
-    _mm512_mask_storeu_ps(sr + t, mk, e);
-    sum = _mm512_add_ps(sum, e);
+  for (; t < T; t += L) {
+    const int64_t n = T - t;  // the masked-off lanes load 0 -> exp2(-max) != 0: keep them out of the sum
+    const V e = Isa::exp2(Isa::sub(Isa::load_tail(sr + t, n), mv));
+    Isa::store_tail(sr + t, e, n);
+    alignas(64) float tmp[L];
+    Isa::store(tmp, e);
+    for (int i = static_cast<int>(std::min<int64_t>(n, L)); i < L; ++i) tmp[i] = 0.f;
+    sum = Isa::add(sum, Isa::load(tmp));
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(sum, sum2));
+  return Isa::reduce_add(Isa::add(sum, sum2));
 }
 
 void attend_head(const Head& h, int64_t T, float qscale) {
   thread_local Buf bkt, bv, bs, bq, bo;
-  const int64_t Tp = (T + 31) / 32 * 32;
+  const int64_t Tp = (T + KW - 1) / KW * KW;
   const int64_t lds = Tp + 16;  // score row stride: never a multiple of 4 KB (L1 set aliasing)
   float* kt = bkt.get(D * Tp);
   float* vv = bv.get(T * D);
@@ -400,10 +484,10 @@ void attend_head(const Head& h, int64_t T, float qscale) {
   float* qp = bq.get(MB * D);
   float* o = bo.get(MB * D);
   pack_kv(h, T, Tp, kt, vv);
-  const int64_t Tfull = T / 32 * 32;
-  const __m512 qs = _mm512_set1_ps(qscale);
-  alignas(64) __m512 rmax[MB];
-  alignas(64) __m512 spare[QR];
+  const int64_t Tfull = T / KW * KW;
+  const V qs = Isa::set1(qscale);
+  alignas(64) V rmax[MB];
+  alignas(64) V spare[QR];
   float linv[MB];
   for (int64_t m0 = 0; m0 < T; m0 += MB) {
     const int rows = static_cast<int>(std::min<int64_t>(MB, T - m0));
@@ -411,27 +495,27 @@ void attend_head(const Head& h, int64_t T, float qscale) {
     for (int64_t u = m0 + MB; u < std::min<int64_t>(m0 + 2 * MB, T); ++u) prefetch_row(h.q + u * h.ldq);
     for (int r = 0; r < rq; ++r) {  // q block, pre-scaled; rows past T are zeros
       const float* qr = h.q + (m0 + r) * h.ldq;
-      for (int d = 0; d < D; d += 16)
-        _mm512_storeu_ps(qp + r * D + d, r < rows ? _mm512_mul_ps(_mm512_loadu_ps(qr + d), qs) : _mm512_setzero_ps());
-      rmax[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int d = 0; d < D; d += L)
+        Isa::store(qp + r * D + d, r < rows ? Isa::mul(Isa::load(qr + d), qs) : Isa::zero());
+      rmax[r] = Isa::set1(-std::numeric_limits<float>::infinity());
     }
-    for (int64_t j = 0; j < Tfull; j += 32)
+    for (int64_t j = 0; j < Tfull; j += KW)
       for (int r = 0; r < rq; r += QR) qk_tile(qp + r * D, kt + j * D, s + r * lds + j, lds, rmax + r);
     if (Tfull < T) {  // last panel: its zero-padded keys must not enter the row maxima
       for (int r = 0; r < rq; r += QR) qk_tile(qp + r * D, kt + Tfull * D, s + r * lds + Tfull, lds, spare);
       for (int r = 0; r < rows; ++r)
-        for (int64_t t = Tfull; t < T; ++t) rmax[r] = _mm512_max_ps(rmax[r], _mm512_set1_ps(s[r * lds + t]));
+        for (int64_t t = Tfull; t < T; ++t) rmax[r] = Isa::max(rmax[r], Isa::set1(s[r * lds + t]));
     }
-    for (int r = 0; r < rows; ++r) linv[r] = 1.f / softmax_row(s + r * lds, T, _mm512_reduce_max_ps(rmax[r]));
+    for (int r = 0; r < rows; ++r) linv[r] = 1.f / softmax_row(s + r * lds, T, Isa::reduce_max(rmax[r]));
     for (int r = rows; r < rp; ++r) std::memset(s + r * lds, 0, lds * sizeof(float));  // padded rows of P
     for (int64_t t0 = 0; t0 < T; t0 += TB) {
       const int n = static_cast<int>(std::min<int64_t>(TB, T - t0));
       for (int r = 0; r < rp; r += PR) pv_tile(s + r * lds + t0, lds, vv + t0 * D, n, o + r * D, t0 == 0);
     }
     for (int r = 0; r < rows; ++r) {
-      const __m512 li = _mm512_set1_ps(linv[r]);
+      const V li = Isa::set1(linv[r]);
       float* orow = h.out + (m0 + r) * h.ldo;
-      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), li));
+      for (int d = 0; d < D; d += L) Isa::store(orow + d, Isa::mul(Isa::load(o + r * D + d), li));
     }
   }
 }
@@ -484,7 +568,7 @@ at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
       const full::Head h{qp + b * q.stride(0) + hh * q.stride(2), kp + b * k.stride(0) + hh * k.stride(2),
                          vp + b * v.stride(0) + hh * v.stride(2), yp + (b * T * H + hh) * Dh,
                          q.stride(1), k.stride(1), v.stride(1), H * Dh};
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
       if (Dh == full::D) {
         full::attend_head(h, T, qscale);
         continue;

@@ -130,7 +130,7 @@ class CausalResnetBlock1D(nn.Module):
 
 
 def _cpu_full_attention(x: torch.Tensor, head_dim: int) -> bool:
-    """Our CPU estimator attention applies: fp32 on CPU, no autograd, head size 64, AVX-512 kernel built."""
+    """Our CPU estimator attention applies: fp32 on CPU, no autograd, head size 64, AVX-512 / AVX2 kernel built."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and head_dim == 64 and not torch.is_grad_enabled()
             and cpu_kernels.full_attention_ready())
 
