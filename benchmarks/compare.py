@@ -10,7 +10,9 @@ implementations so that every case runs exactly its number of decode steps (rand
 random point); about 20% of the sampled ids are >= 6561 and dropped by both, so audio lengths differ slightly.
 
 The reference runs in its own python (`--ref-python`, default the oracle venv) as a subprocess, before ours; ours
-runs in this process, one engine per mode:
+runs in this process, one engine per mode. `--rounds N` repeats (reference, our modes) N times, alternating, so
+that both sides see a shared VM's slow and fast spells (its speed moves +-15-25 % within minutes); each case's best
+run counts. Modes:
   eager       fp32, no CUDA graphs, no compilation (on CPU: the plain engine)
   compiled    fp32 + enable_compilation (CPU: inductor decode step; CUDA: inductor kernels inside CUDA graphs)
   graphs      fp32 + CUDA graphs of the eager kernels (CUDA only)
@@ -20,6 +22,7 @@ runs in this process, one engine per mode:
   int8-compiled  compiled + quantize="int8" (weight-only int8 T3 linears; changes the numbers, opt-in)
   int8-compiled-cfm5  int8-compiled + cfm_steps=5 (half the flow's Euler steps; changes the numbers, opt-in)
 usage: python benchmarks/compare.py --ckpt-dir DIR [--device cuda] [--modes eager,bf16] [--cases short,medium,long]
+       [--rounds N]
 """
 
 from __future__ import annotations
@@ -195,6 +198,16 @@ def run_reference(a, cases) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def merge_runs(acc: dict | None, res: dict) -> dict:
+    """Fold one round's result into the accumulated one: the runs of each case are appended, the rest (load time,
+    errors) is kept from the first round."""
+    if acc is None or "cases" not in acc:
+        return res
+    for name, runs in res.get("cases", {}).items():
+        acc["cases"].setdefault(name, []).extend(runs)
+    return acc
+
+
 def summarise(res: dict) -> dict:
     """Median-free summary: the best (min total) run of each case, with ms/token and RTF."""
     out = {}
@@ -231,6 +244,8 @@ def main() -> None:
     ap.add_argument("--cases", default="short,medium,long")
     ap.add_argument("--max-steps", type=int, default=0, help="cap every case's decode steps (quick runs)")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat (reference, ours modes) this many times, alternating; the best run of each counts")
     ap.add_argument("--ref-runs", type=int, default=0, help="timed reference runs (default: --runs)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
@@ -264,31 +279,34 @@ def main() -> None:
     def save():
         common.write_json(out_path, out)
 
-    if not a.no_reference:
-        log("reference ...")
-        t = time.perf_counter()
-        try:
-            out["reference"] = run_reference(a, cases)
-        except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
-            out["reference"] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"reference done in {time.perf_counter() - t:.0f} s: {str(out['reference'])[:300]}")
-        save()
     from chatterbox_fast.generation import decode
-    orig = mask_stop_and_start(decode)
     out["ours"] = {}
-    try:
-        for m in modes:
-            log(f"ours/{m} ...")
+    for rnd in range(a.rounds):  # reference and ours alternate: both see this VM's slow and fast spells
+        if not a.no_reference:
+            log(f"round {rnd}: reference ...")
+            t = time.perf_counter()
             try:
-                out["ours"][m] = run_ours(a, cases, m)
-            except Exception as e:  # noqa: BLE001
-                out["ours"][m] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-                log(out["ours"][m]["traceback"])
-            if cuda:
-                torch.cuda.empty_cache()
+                ref = run_reference(a, cases)
+            except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
+                ref = {"error": f"{type(e).__name__}: {e}"}
+            out["reference"] = merge_runs(out.get("reference"), ref)
+            log(f"reference done in {time.perf_counter() - t:.0f} s: {str(ref)[:300]}")
             save()
-    finally:
-        decode.process_logits = orig
+        orig = mask_stop_and_start(decode)
+        try:
+            for m in modes:
+                log(f"round {rnd}: ours/{m} ...")
+                try:
+                    res = run_ours(a, cases, m)
+                except Exception as e:  # noqa: BLE001
+                    res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+                    log(res["traceback"])
+                out["ours"][m] = merge_runs(out["ours"].get(m), res)
+                if cuda:
+                    torch.cuda.empty_cache()
+                save()
+        finally:
+            decode.process_logits = orig
     ref_sum = summarise(out.get("reference", {}))
     out["summary"] = {"reference": ref_sum}
     out["speedup"] = {}
