@@ -21,6 +21,7 @@ from .constants import REPO_ID, S3GEN_SR
 from .generation.decode import clean_speech_tokens, generate_tokens
 from .generation.sampling import SamplingParams
 from .loading import Components, download_checkpoint, load_components
+from .memory import release_file_pages
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ class OptimizedChatterboxTTS:
                               stacklevel=2)
         parts = load_components(Path(ckpt_dir), dev, t3_dtype)
         if quantize is not None:
-            quantize_t3(parts.t3, quantize)
+            # the float weights being replaced are our private memory-mapped checkpoint tensors: drop their pages
+            quantize_t3(parts.t3, quantize, release=release_file_pages if dev.type == "cpu" else None)
         return cls(parts, dev, enable_compilation=enable_compilation, use_mixed_precision=use_mixed_precision,
                    enable_watermark=enable_watermark, cuda_graphs=cuda_graphs)
 

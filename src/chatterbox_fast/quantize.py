@@ -179,7 +179,7 @@ class Bf16Linear(nn.Module):
 _LINEAR_TYPES = {"int8": Int8Linear, "bf16": Bf16Linear}
 
 
-def quantize_t3(model: T3, mode: str = "int8") -> T3:
+def quantize_t3(model: T3, mode: str = "int8", release=None) -> T3:
     """Replace T3's per-layer Llama linears (T3_INT8_TARGETS) by Int8Linear ("int8") or Bf16Linear ("bf16",
     weight-only bf16 with fp32 math), in place; returns the model.
 
@@ -188,6 +188,8 @@ def quantize_t3(model: T3, mode: str = "int8") -> T3:
     already converted model is a no-op (whatever its format). Call before compiling the decode step or capturing
     CUDA graphs. For a model on the CPU this also builds/loads the C++ kernels (kernels/, cached; ~15 s the first
     time on a machine), so that tracing later never has to.
+    `release`: called with each replaced float weight once its copy exists (the engine passes
+    `memory.release_file_pages`, so a memory-mapped checkpoint's pages do not pile up during the conversion).
     """
     if check_quantize_mode(mode) is None:
         raise ValueError(f"quantize_t3 needs a mode from {QUANT_MODES}, got None")
@@ -204,6 +206,8 @@ def quantize_t3(model: T3, mode: str = "int8") -> T3:
                 if not isinstance(lin, nn.Linear):  # already converted (to this or the other format)
                     continue
                 setattr(parent, name, _LINEAR_TYPES[mode].from_linear(lin))
+                if release is not None:
+                    release(lin.weight)
                 del lin
     return model
 

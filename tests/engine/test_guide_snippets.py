@@ -224,7 +224,7 @@ def guide(oracle_ckpt, short_voice):
         calls.append(Call(self, text, dict(kwargs), wav))
         return wav
 
-    def record_quantize(model, mode="int8"):
+    def record_quantize(model, mode="int8", release=None):
         # the loaded T3 is shared by every snippet (cached above), so it is not converted: the conversion asked
         # for is recorded (use_mixed_precision=True on CPU -> "bf16"; tested for real in tests/engine/test_engine.py)
         model.quantize_calls = getattr(model, "quantize_calls", []) + [mode]
