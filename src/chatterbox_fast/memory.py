@@ -42,21 +42,22 @@ def _file_mapping(start: int, end: int, suffix: str) -> bool:
 
 def release_file_pages(t: torch.Tensor, suffix: str = ".safetensors") -> int:
     """Drop the resident pages of a CPU tensor that lives in a memory-mapped `suffix` file; returns the bytes released
-    (0 when it is not such a tensor, or off Linux). Only whole pages inside the tensor are released.
+    (0 when it is not such a tensor, is not contiguous, or off Linux). Only whole pages inside the tensor's bytes are
+    released.
 
     The caller must own the tensor's data: the checkpoint's private mapping is copy-on-write, so a page written in
     place would go back to the file's bytes; a loader that replaced the tensor by a converted copy and holds no other
     reference is the intended use. A later read of the range would simply fault the file's bytes back in.
     """
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
         return 0
     libc = _libc()
     if libc is None:
         return 0
     page = mmap.PAGESIZE
-    start = t.untyped_storage().data_ptr()
-    end = start + t.untyped_storage().nbytes()
-    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the storage
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor's bytes
     if hi <= lo or not _file_mapping(start, end, suffix):
         return 0
     if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) != 0:
