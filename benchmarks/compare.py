@@ -21,6 +21,8 @@ run counts. Modes:
                  (changes the numbers slightly, opt-in)
   int8-compiled  compiled + quantize="int8" (weight-only int8 T3 linears; changes the numbers, opt-in)
   int8-compiled-cfm5  int8-compiled + cfm_steps=5 (half the flow's Euler steps; changes the numbers, opt-in)
+  int8-compiled-flowint8  int8-compiled + s3gen_quantize="int8" (int8 GEMMs in the flow estimator, CPU only;
+                 changes the numbers, opt-in)
 usage: python benchmarks/compare.py --ckpt-dir DIR [--device cuda] [--modes eager,bf16] [--cases short,medium,long]
        [--rounds N]
 """
@@ -50,14 +52,15 @@ TEXTS = {
              "after sentence, keeping its pace even, its pauses natural, and its tone warm, so that a listener can "
              "follow the story for hours without getting tired.", 470),
 }
-MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quantize, cfm_steps)
-    "eager": (False, False, False, None, None),
-    "compiled": (True, False, True, None, None),
-    "graphs": (False, False, True, None, None),
-    "bf16": (False, True, True, None, None),
-    "bf16-compiled": (True, True, True, None, None),
-    "int8-compiled": (True, False, True, "int8", None),
-    "int8-compiled-cfm5": (True, False, True, "int8", 5),
+MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quantize, cfm_steps, s3gen_quantize)
+    "eager": (False, False, False, None, None, None),
+    "compiled": (True, False, True, None, None, None),
+    "graphs": (False, False, True, None, None, None),
+    "bf16": (False, True, True, None, None, None),
+    "bf16-compiled": (True, True, True, None, None, None),
+    "int8-compiled": (True, False, True, "int8", None, None),
+    "int8-compiled-cfm5": (True, False, True, "int8", 5, None),
+    "int8-compiled-flowint8": (True, False, True, "int8", None, "int8"),
 }
 STOP_SPEECH, START_SPEECH = 6562, 6561
 DEFAULT_REF_PYTHON = Path(os.environ.get("CHATTERBOX_FAST_ORACLE_DIR",
@@ -86,11 +89,14 @@ def run_ours(a, cases, mode: str) -> dict:
     from chatterbox_fast import OptimizedChatterboxTTS
     from chatterbox_fast.generation import decode
 
-    compiled, bf16, graphs, quantize, cfm_steps = MODES[mode]
+    compiled, bf16, graphs, quantize, cfm_steps, s3gen_quantize = MODES[mode]
     cuda = a.device.startswith("cuda")
     if not cuda and (graphs and not compiled or bf16 and not compiled):
         return {"skipped": f"mode {mode} is CUDA-only"}
-    res = {"impl": "ours", "mode": mode, "quantize": quantize, "cfm_steps": cfm_steps or 10, "cases": {}}
+    if cuda and s3gen_quantize is not None:
+        return {"skipped": f"mode {mode} is CPU-only"}
+    res = {"impl": "ours", "mode": mode, "quantize": quantize, "cfm_steps": cfm_steps or 10,
+           "s3gen_quantize": s3gen_quantize, "cases": {}}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -99,7 +105,8 @@ def run_ours(a, cases, mode: str) -> dict:
         warnings.simplefilter("ignore")
         eng = OptimizedChatterboxTTS.from_local(a.ckpt_dir, device=a.device, enable_compilation=compiled,
                                                 use_mixed_precision=bf16, enable_watermark=a.watermark,
-                                                cuda_graphs=graphs, quantize=quantize)
+                                                cuda_graphs=graphs, quantize=quantize,
+                                                **({"s3gen_quantize": s3gen_quantize} if s3gen_quantize else {}))
     res["load_s"] = time.perf_counter() - t0
     if cuda:
         res["gpu_after_load_gb"] = torch.cuda.memory_allocated() / 1e9

@@ -38,6 +38,8 @@ def _speak_parser(sub) -> None:
                    "bf16 with fp32 math (faster decode, small drift)")
     p.add_argument("--quantize", choices=["int8", "bf16"], help="weight-only int8 (or bf16) for T3's linears "
                    "(faster decode; drift vs fp32 in BENCHMARKS.md)")
+    p.add_argument("--s3gen-quantize", choices=["int8"], help="CPU: int8 GEMMs in S3Gen's flow estimator (faster "
+                   "flow; changes the audio, drift in BENCHMARKS.md)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step and the flow estimator "
                    "eagerly instead of replaying CUDA graphs")
     p.add_argument("--cfm-steps", type=int, help="S3Gen flow-matching steps (default 10 = the reference's, exact); "
@@ -52,7 +54,8 @@ def _speak(args) -> int:
 
     text = sys.stdin.read() if args.text == "-" else args.text
     kw = dict(device=args.device, enable_compilation=args.compile, use_mixed_precision=args.bf16,
-              enable_watermark=not args.no_watermark, quantize=args.quantize, cuda_graphs=not args.no_cuda_graphs)
+              enable_watermark=not args.no_watermark, quantize=args.quantize, cuda_graphs=not args.no_cuda_graphs,
+              s3gen_quantize=args.s3gen_quantize)
     t0 = time.perf_counter()
     if args.ckpt_dir is not None:
         model = OptimizedChatterboxTTS.from_local(args.ckpt_dir, **kw)

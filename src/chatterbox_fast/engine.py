@@ -166,17 +166,17 @@ class OptimizedChatterboxTTS:
     def from_pretrained(cls, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
                         enable_watermark: bool = True, repo_id: str = REPO_ID, revision: str | None = None,
                         cache_dir: str | None = None, quantize: str | None = None,
-                        cuda_graphs: bool = True) -> "OptimizedChatterboxTTS":
+                        cuda_graphs: bool = True, s3gen_quantize: str | None = None) -> "OptimizedChatterboxTTS":
         """Download (or reuse the Hugging Face cache of) ResembleAI/chatterbox and load it."""
         ckpt = download_checkpoint(repo_id, revision, cache_dir)
         return cls.from_local(ckpt, device=device, enable_compilation=enable_compilation,
                               use_mixed_precision=use_mixed_precision, enable_watermark=enable_watermark,
-                              quantize=quantize, cuda_graphs=cuda_graphs)
+                              quantize=quantize, cuda_graphs=cuda_graphs, s3gen_quantize=s3gen_quantize)
 
     @classmethod
     def from_local(cls, ckpt_dir, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
                    enable_watermark: bool = True, quantize: str | None = None,
-                   cuda_graphs: bool = True) -> "OptimizedChatterboxTTS":
+                   cuda_graphs: bool = True, s3gen_quantize: str | None = None) -> "OptimizedChatterboxTTS":
         """Load from a folder holding ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json
         and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads.
         quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md);
@@ -184,11 +184,18 @@ class OptimizedChatterboxTTS:
         arithmetic is slower than fp32 on CPUs without native bf16; bf16 weights halve the bytes T3 reads per token).
         With quantize="int8", use_mixed_precision adds nothing on a CPU.
         cuda_graphs (CUDA only): replay T3's decode step and the flow estimator from CUDA graphs (same kernels, no
-        launch overhead; generation/cuda_graph.py). False runs them eagerly."""
-        from .quantize import check_quantize_mode, quantize_t3
+        launch overhead; generation/cuda_graph.py). False runs them eagerly.
+        s3gen_quantize="int8" (CPU only, opt-in, CHANGES THE OUTPUT): int8 GEMMs (int8 weights and per-row int8
+        activations) for the transformer linears of S3Gen's flow estimator (quantize.quantize_s3gen; speed and the
+        mel's drift in BENCHMARKS.md)."""
+        from .quantize import check_quantize_mode, check_s3gen_quantize_mode, quantize_s3gen, quantize_t3
 
         check_quantize_mode(quantize)
+        check_s3gen_quantize_mode(s3gen_quantize)
         dev = _resolve_device(device)
+        if s3gen_quantize is not None and dev.type != "cpu":
+            raise ValueError(f"s3gen_quantize={s3gen_quantize!r} is a CPU mode (int8 GEMMs); on {dev.type} leave it "
+                             "None (use_mixed_precision=True selects bf16 on CUDA)")
         if dev.type == "cpu":
             cpu_kernels.load()  # our C++ kernels (T3 decode attention, int8 / bf16 linears); a failed build warns
         t3_dtype = torch.float32
@@ -208,6 +215,8 @@ class OptimizedChatterboxTTS:
         if quantize is not None:
             # the float weights being replaced are our private memory-mapped checkpoint tensors: drop their pages
             quantize_t3(parts.t3, quantize, release=release_file_pages if dev.type == "cpu" else None)
+        if s3gen_quantize is not None:
+            quantize_s3gen(parts.s3gen, s3gen_quantize, release=release_file_pages)
         return cls(parts, dev, enable_compilation=enable_compilation, use_mixed_precision=use_mixed_precision,
                    enable_watermark=enable_watermark, cuda_graphs=cuda_graphs)
 

@@ -79,16 +79,19 @@ def check_quantize_mode(mode: str | None) -> str | None:
     return mode
 
 
-def quantize_weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_weight_int8(w: Tensor, bf16_scales: bool = True) -> tuple[Tensor, Tensor]:
     """(N, K) float weight -> (q (N, K) int8 in [-127, 127], scale (N,) fp32) with w ~= scale[:, None] * q.
 
-    The scales are rounded to bf16 values (kept in fp32) before q is computed: the CPU kernel takes its scales in
-    bf16, so every path (bf16 kernel, fp32 fallback) then stands for the same dequantised weight.
+    With `bf16_scales` (T3) the scales are rounded to bf16 values (kept in fp32) before q is computed: the CPU
+    kernel takes its scales in bf16, so every path (bf16 kernel, fp32 fallback) then stands for the same dequantised
+    weight. Without it (W8A8Linear) they are max|w[n, :]| / 127 in fp32.
     """
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"expected a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
     wf = w.detach().float()
-    scale = (wf.abs().amax(dim=1) / 127.0).to(torch.bfloat16).float()  # (N,)
+    scale = wf.abs().amax(dim=1) / 127.0  # (N,)
+    if bf16_scales:
+        scale = scale.to(torch.bfloat16).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: q = 0 with any scale
     q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
@@ -177,6 +180,121 @@ class Bf16Linear(nn.Module):
 
 
 _LINEAR_TYPES = {"int8": Int8Linear, "bf16": Bf16Linear}
+
+S3GEN_QUANT_MODES = ("int8",)
+
+
+def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, K) float32 -> (q (M, K) int8, s (M,) float32), per-row symmetric: q = round(x * 127 / max|x_m|) (ties
+    to even), s = max|x_m| / 127 (0 for an all-zero row), so x ~= s[:, None] * q. Our C++ kernel when loaded, else
+    the same formula in PyTorch."""
+    if x.device.type == "cpu" and cpu_kernels.available() and x.stride(-1) == 1:
+        return torch.ops.chatterbox_fast.quantize_rows(x)
+    amax = x.abs().amax(dim=1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8), amax / 127.0
+
+
+class W8A8Linear(nn.Module):
+    """y = x W^T + b with int8 weights AND int8 activations: the opt-in int8 GEMMs of S3Gen's CFM estimator (CPU).
+
+    W (N, K) is stored as per-output-channel symmetric int8 (`quantize_weight_int8`); each call quantises the rows
+    of x to int8 on the fly (`quantize_rows_int8`), multiplies int8 x int8 -> int32 (`torch._int_mm`: oneDNN's VNNI
+    kernel on x86, ~3x fp32's throughput on the 2-core AVX-512 machine) and dequantises in one pass:
+    y = acc * s_x[m] * s_w[n] + b (`chatterbox_fast::dequant_rows`, or PyTorch ops without our kernels). The int32
+    sums are exact; the error is the two roundings (weight and activation, each relative ~2^-8 of its row's max).
+    Unlike `Int8Linear` (T3, weight-only) this changes the activations too: it is used only where it was measured
+    (BENCHMARKS.md: the mel's drift) and only on request.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor | None) -> "W8A8Linear":
+        """From a float (N, K) weight and optional (N,) bias (copied: the module holds no view of them)."""
+        q, scale = quantize_weight_int8(weight, bf16_scales=False)
+        mod = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        mod.weight_int8, mod.scale = q, scale
+        if bias is not None:
+            mod.bias = bias.detach().float().clone()
+        return mod
+
+    def _int_mm(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (M, K) -> (acc (M, N) int32, s_x (M,))."""
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != torch.float32:
+            raise ValueError(f"W8A8Linear expects (M, {self.in_features}) float32 input, got {tuple(x.shape)} "
+                             f"{x.dtype}")
+        q, sx = quantize_rows_int8(x)
+        return torch._int_mm(q, self.weight_int8.t()), sx
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (M, K) float32 -> (M, N) float32."""
+        acc, sx = self._int_mm(x)
+        if acc.device.type == "cpu" and cpu_kernels.available():
+            return torch.ops.chatterbox_fast.dequant_rows(acc, sx, self.scale, self.bias)
+        y = acc.float() * (sx[:, None] * self.scale)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def forward_acc_(self, y: Tensor, x: Tensor) -> Tensor:
+        """y (M, N) += self(x), in place; returns y."""
+        acc, sx = self._int_mm(x)
+        if acc.device.type == "cpu" and cpu_kernels.available() and y.stride(-1) == 1:
+            torch.ops.chatterbox_fast.dequant_rows_acc_(y, acc, sx, self.scale, self.bias)
+            return y
+        y.add_(acc.float() * (sx[:, None] * self.scale))
+        return y if self.bias is None else y.add_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                "weight=int8 per-channel, activations=int8 per-row (dynamic)")
+
+
+def check_s3gen_quantize_mode(mode: str | None) -> str | None:
+    """None (exact fp32 S3Gen) or one of S3GEN_QUANT_MODES; anything else raises ValueError."""
+    if mode is not None and mode not in S3GEN_QUANT_MODES:
+        raise ValueError(f"s3gen_quantize must be None or one of {S3GEN_QUANT_MODES}, got {mode!r}")
+    return mode
+
+
+def quantize_s3gen(s3gen: nn.Module, mode: str = "int8", release=None) -> nn.Module:
+    """Opt-in int8 GEMMs for S3Gen's CFM estimator (CPU): every transformer block of the estimator gets W8A8Linear
+    copies of its q/k/v (stacked into one GEMM), output and feed-forward linears (`BasicTransformerBlock.int8`),
+    which its in-place inference forward then uses on a CPU. Those linears are ~57 % of the estimator's FLOPs; the
+    rest (attention, convolutions, norms) stays fp32. This CHANGES THE OUTPUT (drift measured in BENCHMARKS.md).
+
+    `s3gen`: an S3Gen or anything holding the estimator's BasicTransformerBlocks; in place; returns it. Converting
+    twice is a no-op. `release`: called with each float weight now shadowed by an int8 copy (the engine passes
+    `memory.release_file_pages`, so the memory-mapped checkpoint pages of those weights leave RSS; they are read
+    back from the file only if the float path runs, e.g. on another device or with autograd).
+    """
+    from .models.s3gen.estimator import BasicTransformerBlock
+
+    if check_s3gen_quantize_mode(mode) is None:
+        raise ValueError(f"quantize_s3gen needs a mode from {S3GEN_QUANT_MODES}, got None")
+    blocks = [m for m in s3gen.modules() if isinstance(m, BasicTransformerBlock)]
+    if not blocks:
+        raise TypeError(f"no estimator transformer blocks found in {type(s3gen).__name__}")
+    if blocks[0].norm1.weight.device.type == "cpu":
+        cpu_kernels.load()
+    with torch.no_grad():
+        for blk in blocks:
+            if blk.int8 is not None:
+                continue
+            a, ff = blk.attn1, blk.ff
+            lins = {"qkv": (torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]), None),
+                    "out": (a.to_out[0].weight, a.to_out[0].bias),
+                    "ff1": (ff.net[0].proj.weight, ff.net[0].proj.bias),
+                    "ff2": (ff.net[2].weight, ff.net[2].bias)}
+            blk.int8 = nn.ModuleDict({k: W8A8Linear.from_weight(w, b) for k, (w, b) in lins.items()})
+            if release is not None:
+                for lin in (a.to_q, a.to_k, a.to_v, a.to_out[0], ff.net[0].proj, ff.net[2]):
+                    release(lin.weight)
+    return s3gen
 
 
 def quantize_t3(model: T3, mode: str = "int8", release=None) -> T3:

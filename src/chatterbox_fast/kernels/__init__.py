@@ -18,6 +18,10 @@ Both accumulate in fp32 over fp32 activations: the only rounding is the stored w
 - `torch.ops.chatterbox_fast.full_attention(q, k, v (B, T, H, D), scale) -> (B, T, H, D)` contiguous: unmasked
   softmax(q k^T * scale) v per (batch, head), fp32, on (B, T, H, D) views with a contiguous last dim (no transposes);
   the estimator's attention (register-tiled AVX-512 / AVX2 paths for D = 64, a plain loop otherwise).
+- `torch.ops.chatterbox_fast.quantize_rows(x (M, K) f32) -> (q (M, K) int8, s (M,) f32)`: per-row symmetric int8
+  (q = round(x * 127 / max|x_m|), s = max|x_m| / 127); `dequant_rows(acc (M, N) int32, sx (M,), sw (N,), bias?)
+  -> (M, N) f32` = acc * sx[m] * sw[n] + bias[n], and `dequant_rows_acc_(y, ...)` adding that into y in place: the
+  two elementwise passes around `torch._int_mm` of the opt-in int8 estimator GEMMs (quantize.W8A8Linear).
 
 Environment:
 - CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).
@@ -137,6 +141,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("chatterbox_fast::full_attention")
     def _full_attention_fake(q, k, v, scale):
         return q.new_empty(q.shape)  # contiguous (B, T, H, D)
+
+    @torch.library.register_fake("chatterbox_fast::quantize_rows")
+    def _quantize_rows_fake(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1])
+
+    @torch.library.register_fake("chatterbox_fast::dequant_rows")
+    def _dequant_rows_fake(acc, sx, sw, bias):
+        return acc.new_empty(acc.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("chatterbox_fast::dequant_rows_acc_")
+    def _dequant_rows_acc_fake(y, acc, sx, sw, bias):
+        return None
 
 
 def load() -> bool:

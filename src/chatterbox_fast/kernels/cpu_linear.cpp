@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -544,6 +545,60 @@ void attend_head_generic(const Head& h, int64_t T, int64_t Dh, float qscale) {
 }
 }  // namespace full
 
+// ---------------------------------------------------------------------------------------------------------------
+// Opt-in int8 GEMMs of S3Gen's CFM estimator (quantize.W8A8Linear): the activations are quantised per row on the
+// fly (symmetric, q = round(x * 127 / max|x|) in [-127, 127]), an int8 x int8 -> int32 GEMM runs (torch._int_mm),
+// and one fused pass dequantises: y (+)= acc * s_x[m] * s_w[n] + bias[n]. These two passes are the kernels here.
+namespace w8a8 {
+// q[0..K) = round(x * 127 / amax) (nearest even, as torch.round), *s = amax / 127 (0 for an all-zero row)
+void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
+  float amax = 0.f;
+  int64_t k = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  using full::Isa;
+  const Isa::V sign = Isa::set1(-0.f);
+  Isa::V m = Isa::zero();
+  for (; k + Isa::L <= K; k += Isa::L) {
+#if defined(__AVX512F__)
+    m = Isa::max(m, _mm512_andnot_ps(sign, Isa::load(x + k)));
+#else
+    m = Isa::max(m, _mm256_andnot_ps(sign, Isa::load(x + k)));
+#endif
+  }
+  amax = Isa::reduce_max(m);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  *s = amax / 127.f;
+  k = 0;
+#if defined(__AVX512F__)
+  const __m512 vi = _mm512_set1_ps(inv);
+  for (; k + 16 <= K; k += 16)  // cvtps rounds to nearest even (MXCSR default); the int8 narrowing saturates
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vi))));
+#elif defined(__AVX2__)
+  const __m256 vi = _mm256_set1_ps(inv);
+  for (; k + 8 <= K; k += 8) {
+    const __m256i i32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vi));
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
+  }
+#endif
+  for (; k < K; ++k) q[k] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] * inv))));
+}
+
+// y[0..N) (+)= acc * (sx * sw[n]) + bias[n]; acc is exact in fp32 (|acc| <= 127^2 K < 2^24 for K <= 1040)
+template <bool ACC, bool BIAS>
+void dequant_row(const int32_t* __restrict acc, float sx, const float* __restrict sw, const float* __restrict bias,
+                 float* __restrict y, int64_t N) {
+  for (int64_t n = 0; n < N; ++n) {
+    float v = static_cast<float>(acc[n]) * (sx * sw[n]);
+    if (BIAS) v += bias[n];
+    y[n] = ACC ? y[n] + v : v;
+  }
+}
+}  // namespace w8a8
+
 at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 && t->stride(3) == 1,
@@ -611,6 +666,75 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+// x (M, K) float32, rows contiguous -> (q (M, K) int8, s (M,) float32): per-row symmetric int8
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "quantize_rows: x must be an (M, K) float32 CPU tensor with contiguous rows, got ", x.sizes(), " ",
+              x.scalar_type(), " strides ", x.strides());
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor s = at::empty({M}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = static_cast<int8_t*>(q.data_ptr());
+  float* sp = s.data_ptr<float>();
+  const int64_t ld = x.stride(0);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) w8a8::quantize_row(xp + m * ld, K, qp + m * K, sp + m);
+  });
+  return {q, s};
+}
+
+void dequant_into(float* y, int64_t ldy, const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,
+                  const c10::optional<at::Tensor>& bias, bool accumulate, const char* op) {
+  TORCH_CHECK(acc.device().is_cpu() && acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.is_contiguous(), op,
+              ": acc must be a contiguous (M, N) int32 CPU tensor, got ", acc.sizes(), " ", acc.scalar_type());
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(sx.scalar_type() == at::kFloat && sx.dim() == 1 && sx.size(0) == M && sx.is_contiguous() &&
+                  sx.device().is_cpu(), op, ": sx must be a contiguous (", M, ",) float32 CPU tensor, got ", sx.sizes());
+  TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.dim() == 1 && sw.size(0) == N && sw.is_contiguous() &&
+                  sw.device().is_cpu(), op, ": sw must be a contiguous (", N, ",) float32 CPU tensor, got ", sw.sizes());
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
+                    bias->is_contiguous() && bias->device().is_cpu(),
+                op, ": bias must be a contiguous (", N, ",) float32 CPU tensor, got ", bias->sizes());
+    bp = bias->data_ptr<float>();
+  }
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sxp = sx.data_ptr<float>();
+  const float* swp = sw.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int32_t* a = ap + m * N;
+      float* yr = y + m * ldy;
+      if (accumulate)
+        bp ? w8a8::dequant_row<true, true>(a, sxp[m], swp, bp, yr, N)
+           : w8a8::dequant_row<true, false>(a, sxp[m], swp, bp, yr, N);
+      else
+        bp ? w8a8::dequant_row<false, true>(a, sxp[m], swp, bp, yr, N)
+           : w8a8::dequant_row<false, false>(a, sxp[m], swp, bp, yr, N);
+    }
+  });
+}
+
+// acc (M, N) int32 -> acc * sx[:, None] * sw[None, :] + bias (M, N) float32
+at::Tensor dequant_rows(const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,
+                        const c10::optional<at::Tensor>& bias) {
+  at::Tensor y = at::empty(acc.sizes(), acc.options().dtype(at::kFloat));
+  dequant_into(y.data_ptr<float>(), acc.dim() == 2 ? acc.size(1) : 0, acc, sx, sw, bias, false, "dequant_rows");
+  return y;
+}
+
+// y (M, N) float32 with contiguous rows: y += acc * sx[:, None] * sw[None, :] + bias, in place
+void dequant_rows_acc_(at::Tensor& y, const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kFloat && y.dim() == 2 && y.stride(1) == 1 &&
+                  y.sizes() == acc.sizes(),
+              "dequant_rows_acc_: y must be a float32 CPU tensor of acc's shape ", acc.sizes(),
+              " with contiguous rows, got ", y.sizes(), " ", y.scalar_type(), " strides ", y.strides());
+  dequant_into(y.data_ptr<float>(), y.stride(0), acc, sx, sw, bias, true, "dequant_rows_acc_");
+}
+
 const char* isa() {
 #if defined(__AVX512F__)
   return "avx512";
@@ -628,6 +752,9 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale) -> Tensor");
   m.def("full_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("dequant_rows(Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> Tensor");
+  m.def("dequant_rows_acc_(Tensor(a!) y, Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
@@ -635,6 +762,9 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
   m.impl("decode_attention", &decode_attention);
   m.impl("full_attention", &full_attention);
+  m.impl("quantize_rows", &quantize_rows);
+  m.impl("dequant_rows", &dequant_rows);
+  m.impl("dequant_rows_acc_", &dequant_rows_acc_);
 }
 
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.

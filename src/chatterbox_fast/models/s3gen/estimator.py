@@ -151,14 +151,18 @@ class Attention(nn.Module):
     def attend(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         """(B, T, C) -> (B, T, H*hd) attention output before `to_out`."""
         b, t, _ = x.shape
-        if attn_bias is None and _cpu_full_attention(x, self.head_dim):
+        q, k, v = (lin(x).view(b, t, self.heads, self.head_dim) for lin in (self.to_q, self.to_k, self.to_v))
+        return self.attend_qkv(q, k, v, attn_bias)
+
+    def attend_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   attn_bias: torch.Tensor | None) -> torch.Tensor:
+        """q, k, v (B, T, H, hd) views with a contiguous last dim -> (B, T, H*hd)."""
+        b, t = q.shape[:2]
+        if attn_bias is None and _cpu_full_attention(q, self.head_dim):
             # our CPU kernel (kernels/cpu_linear.cpp) reads the (B, T, H, hd) views directly and writes (B, T, H, hd)
-            q, k, v = (lin(x).view(b, t, self.heads, self.head_dim) for lin in (self.to_q, self.to_k, self.to_v))
             y = torch.ops.chatterbox_fast.full_attention(q, k, v, 1.0 / math.sqrt(self.head_dim))
             return y.view(b, t, self.heads * self.head_dim)
-        q = self.to_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.to_k(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        v = self.to_v(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0 / math.sqrt(self.head_dim))
         return y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)  # a view: SDPA's output is (B, T, H, hd)
 
@@ -189,7 +193,12 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """x += Attn(LN1(x)); x += FF(LN3(x)) (diffusers layout, no cross-attention, so there is no norm2)."""
+    """x += Attn(LN1(x)); x += FF(LN3(x)) (diffusers layout, no cross-attention, so there is no norm2).
+
+    `int8` (opt-in, set by `quantize.quantize_s3gen`): None, or a ModuleDict of int8 GEMM linears `qkv` (the q, k
+    and v weights stacked), `out`, `ff1`, `ff2` that `forward_` uses on a CPU instead of the float ones; each maps
+    (M, K) -> (M, N) and has `forward_acc_(y, x)` for y += linear(x). The float weights stay (other devices, autograd).
+    """
 
     def __init__(self, dim: int, heads: int, head_dim: int, ff_mult: int) -> None:
         super().__init__()
@@ -197,6 +206,7 @@ class BasicTransformerBlock(nn.Module):
         self.attn1 = Attention(dim, heads, head_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult)
+        self.int8: nn.ModuleDict | None = None
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), attn_bias)
@@ -208,11 +218,25 @@ class BasicTransformerBlock(nn.Module):
         for the residual stream."""
         c = x.shape[-1]
         y = x.view(-1, c)  # (B*T, C)
+        if self.int8 is not None and x.device.type == "cpu":
+            return self._forward_int8_(x, attn_bias)
         out = self.attn1.to_out[0]
         y.addmm_(self.attn1.attend(self.norm1(x), attn_bias).reshape(-1, out.in_features), out.weight.t())
         y.add_(out.bias)
         ff_out = self.ff.net[2]
         y.addmm_(self.ff.net[0](self.norm3(y)), ff_out.weight.t()).add_(ff_out.bias)
+        return x
+
+    def _forward_int8_(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        """`forward_` with the int8 GEMMs of `self.int8` (one GEMM for q, k and v; residuals added in place)."""
+        b, t, c = x.shape
+        a, q8 = self.attn1, self.int8
+        y = x.view(-1, c)  # (B*T, C)
+        qkv = q8["qkv"](self.norm1(y)).view(b, t, 3, a.heads, a.head_dim)  # (B, T, 3, H, hd)
+        o = a.attend_qkv(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], attn_bias)  # (B, T, H*hd)
+        q8["out"].forward_acc_(y, o.reshape(b * t, -1))
+        h = q8["ff1"](self.norm3(y))  # (B*T, ff inner)
+        q8["ff2"].forward_acc_(y, torch.ops.aten.gelu_(h))
         return x
 
 
