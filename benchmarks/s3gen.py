@@ -1,7 +1,7 @@
 """S3Gen speed (flow: speech tokens + prompt -> mel; HiFT: mel -> wav): the reference vs ours, same weights, same run.
 
     .venv/bin/python benchmarks/s3gen.py [--tokens 125] [--device cpu|cuda] [--threads N] [--iters 3] [--rounds 1]
-        [--out PATH]
+        [--int8] [--out PATH]
 
 WEIGHTS ARE RANDOM (the oracle's checkpoint, official shapes) and the prompt is synthetic: 250 prompt tokens and
 500 prompt frames (a 10 s prompt) + 125 generated tokens (5 s) -> T = 750 mel frames, 10 Euler steps of the CFM
@@ -13,6 +13,8 @@ FlopCounterMode, plus 4*B*H*Tq*Tk*D per attention call, SDPA or our CPU kernel),
 implementations against the measured fp32 GEMM throughput of the machine (benchmarks/common.py), the estimator alone (FLOPs of one call / median call time; the issue's >= 85 % target is
 on this one), and the speed-up ratio.
 - reference: benchmarks/_reference_s3gen.py in the oracle venv (subprocess, JSON on stdout).
+- --int8 (CPU): each round also measures ours with s3gen_quantize="int8" (the opt-in int8 estimator GEMMs), and the
+  run ends with that mode's drift from the exact output (mel and waveform, same noise).
 - ours: in process, `S3Gen.flow.inference` then `S3Gen.mel2wav` eager, with our CPU kernels loaded on a CPU (as the
   engine does; CHATTERBOX_FAST_CPU_KERNELS=0 measures the pure-PyTorch path).
 """
@@ -41,6 +43,8 @@ import oracle_paths  # noqa: E402
 from _reference_s3gen import prompt_inputs  # noqa: E402
 from chatterbox_fast import kernels  # noqa: E402
 from chatterbox_fast.models.s3gen import S3Gen  # noqa: E402
+from chatterbox_fast.models.s3gen.estimator import BasicTransformerBlock  # noqa: E402
+from chatterbox_fast.quantize import quantize_s3gen  # noqa: E402
 from chatterbox_fast.weights import read_safetensors  # noqa: E402
 
 NOTE = "weights are random (oracle checkpoint, official shapes) and the prompt is synthetic: speed is unaffected"
@@ -107,6 +111,17 @@ def setup_ours(a, ckpt: Path):
     est_flops = count_flops(lambda: est.forward_packed(h, t_emb))  # one estimator call (CFG batch of 2)
     info = {"load_s": load_s, "kernels": kernels.isa() if kernels.available() else None, "flops": flops,
             "estimator_call_flops": est_flops}
+    blocks = [m for m in est.modules() if isinstance(m, BasicTransformerBlock)]
+    int8_linears = []
+    if a.int8:
+        quantize_s3gen(s3gen, "int8")
+        int8_linears = [b.int8 for b in blocks]
+
+    def use_int8(on: bool) -> None:
+        for b, q in zip(blocks, int8_linears):
+            b.int8 = q if on else None
+
+    use_int8(False)
 
     def measure() -> dict:
         orig = est.forward_packed
@@ -139,7 +154,24 @@ def setup_ours(a, ckpt: Path):
         return {"flow": flow_ms, "hift": hift_ms, "est": est_ms[-10 * a.iters:], "mel_shape": list(mel.shape),
                 "wav_samples": wav.shape[-1]}
 
-    return info, measure
+    def drift() -> dict:
+        """The int8 mode's output against the exact one: same inputs, same CFM noise and HiFT randomness."""
+        outs = []
+        for on in (False, True):
+            use_int8(on)
+            mel = flow.inference(x["speech_tokens"], x["prompt_token"], x["prompt_feat"], x["embedding"],
+                                 generator=torch.Generator(device=a.device).manual_seed(0))
+            wav, _ = hift(mel, generator=torch.Generator(device=a.device).manual_seed(1))
+            outs.append((mel.float().cpu(), wav.float().cpu()))
+        use_int8(False)
+        (m0, w0), (m1, w1) = outs
+
+        def rel(u, v):
+            return ((u - v).pow(2).mean().sqrt() / v.pow(2).mean().sqrt()).item()
+        return {"mel_rel_rms": rel(m1, m0), "mel_max_abs": (m1 - m0).abs().max().item(),
+                "mel_rms": m0.pow(2).mean().sqrt().item(), "wav_rel_rms": rel(w1, w0)}
+
+    return info, measure, use_int8, drift
 
 
 def _stats(ms: list[float]) -> dict:
@@ -171,6 +203,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate ours and the reference this many times (each: --warmup + --iters calls)")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--int8", action="store_true", help="also measure s3gen_quantize='int8' (int8 estimator GEMMs, "
+                    "CPU) in every round, and its drift from the exact output")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds for the reference subprocess")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -182,8 +216,11 @@ def main() -> None:
     if not oracle_paths.is_built(ckpt):
         sys.exit(f"oracle checkpoint missing: {ckpt} (run `make oracle`)")
 
-    info, measure = setup_ours(a, ckpt)
-    raw = {"ours": {"flow": [], "hift": [], "est": []}, "reference": {"flow": [], "hift": [], "est": []}}
+    if a.int8 and a.device != "cpu":
+        sys.exit("--int8 is a CPU mode")
+    info, measure, use_int8, drift = setup_ours(a, ckpt)
+    raw = {"ours": {"flow": [], "hift": [], "est": []}, "reference": {"flow": [], "hift": [], "est": []},
+           "ours_int8": {"flow": [], "hift": [], "est": []}}
     gemm_probes, ref, shapes = [], None, {}
     for _ in range(a.rounds):  # ours and the reference alternate: both see the machine's slow and fast spells
         gemm_probes.append(common.measure_gemm_gflops(device=a.device))
@@ -191,6 +228,12 @@ def main() -> None:
         shapes = {"mel_shape": m["mel_shape"], "wav_samples": m["wav_samples"]}
         for k in ("flow", "hift", "est"):
             raw["ours"][k] += m[k]
+        if a.int8:
+            use_int8(True)
+            m = measure()
+            use_int8(False)
+            for k in ("flow", "hift", "est"):
+                raw["ours_int8"][k] += m[k]
         if not a.no_reference:
             ref = run_reference(a, ckpt)
             for k, rk in (("flow", "flow_all_ms"), ("hift", "hift_all_ms"), ("est", "estimator_all_ms")):
@@ -234,6 +277,19 @@ def main() -> None:
         result["speedup_estimator_median"] = (
             ref["estimator_call_ms"]["median_ms"] / ours["estimator_call_ms"]["median_ms"]
         )
+    if a.int8:
+        o8 = {"flow_ms": _stats(raw["ours_int8"]["flow"]), "hift_ms": _stats(raw["ours_int8"]["hift"]),
+              "estimator_call_ms": _stats(raw["ours_int8"]["est"]), "raw_ms": raw["ours_int8"],
+              "drift_vs_exact": drift(),
+              "note": "s3gen_quantize='int8': int8 GEMMs for the estimator's transformer linears; changes the output"}
+        o8["estimator_speedup_vs_exact_median"] = (ours["estimator_call_ms"]["median_ms"]
+                                                   / o8["estimator_call_ms"]["median_ms"])
+        o8["flow_speedup_vs_exact_min"] = ours["flow_ms"]["min_ms"] / o8["flow_ms"]["min_ms"]
+        if ref is not None:
+            o8["speedup_flow_plus_hift_min_vs_reference"] = (
+                (ref["flow_ms"]["min_ms"] + ref["hift_ms"]["min_ms"])
+                / (o8["flow_ms"]["min_ms"] + o8["hift_ms"]["min_ms"]))
+        result["ours_int8"] = o8
     out = a.out or HERE / "results" / f"s3gen-{a.device.replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     common.write_json(out, result)
     print(json.dumps(result, indent=2, default=str))

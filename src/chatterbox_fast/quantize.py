@@ -1,4 +1,6 @@
-"""Weight-only int8 (and bf16) for T3's decode-time linears (`quantize_t3(model, "int8" | "bf16")`).
+"""Weight-only int8 (and bf16) for T3's decode-time linears (`quantize_t3(model, "int8" | "bf16")`), and the opt-in
+int8 GEMMs (int8 weights AND activations) of S3Gen's flow estimator on CPU (`quantize_s3gen`, `W8A8Linear`, at the
+end of this file; the engine's `s3gen_quantize="int8"`).
 
 "bf16" (`Bf16Linear`): the weights stored in bf16, the math in fp32 (our CPU kernel widens them in registers).
 Half the bytes of fp32, relative weight rounding 2^-9: what `use_mixed_precision=True` means on a CPU, where bf16
