@@ -318,6 +318,19 @@ def test_other_isa_builds_match_fp64(isa):
                 *(a.double().transpose(1, 2) for a in (q, k, v)), scale=d ** -0.5).transpose(1, 2)
             assert float((y - ref).abs().max()) < 5e-6, (isa, t, d)
         assert kernels.full_attention_ready() == (kernels.isa() == "avx2")
+        for k in (1, 7, 8, 33, 300):  # int8 estimator GEMMs' passes: vector bodies and scalar tails
+            x = torch.randn(6, k, generator=g) * 3
+            x[2] = 0
+            q, s = torch.ops.chatterbox_fast.quantize_rows(x)
+            amax = x.abs().amax(1)
+            inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+            assert torch.equal(q, torch.round(x * inv[:, None]).clamp(-127, 127).to(torch.int8)), (isa, k)
+            assert torch.equal(s, amax / 127), (isa, k)
+            acc = torch.randint(-1000, 1000, (6, k), generator=g, dtype=torch.int32)
+            sw, b = torch.rand(k, generator=g), torch.randn(k, generator=g)
+            want = acc.double() * s.double()[:, None] * sw.double() + b.double()
+            assert torch.allclose(torch.ops.chatterbox_fast.dequant_rows(acc, s, sw, b).double(), want,
+                                  rtol=1e-6, atol=1e-6), (isa, k)
     """ % isa
     env = dict(os.environ, CHATTERBOX_FAST_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, timeout=600, capture_output=True,

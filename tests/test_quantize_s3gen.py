@@ -129,7 +129,7 @@ def test_w8a8_linear_kernels():
     _check_w8a8(*_w8a8_case())
 
 
-def test_w8a8_linear_fallback_equals_kernels(no_kernels):
+def test_w8a8_linear_fallback(no_kernels):
     lin, x = _w8a8_case(1)
     assert torch.isfinite(_check_w8a8(lin, x)).all()
 

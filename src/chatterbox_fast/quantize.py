@@ -74,11 +74,15 @@ def _use_cpu_kernel(x: Tensor, rows: int) -> bool:
             and cpu_kernels.available())
 
 
+def _check_mode(name: str, mode: str | None, allowed: tuple[str, ...]) -> str | None:
+    if mode is not None and mode not in allowed:
+        raise ValueError(f"{name} must be None or one of {allowed}, got {mode!r}")
+    return mode
+
+
 def check_quantize_mode(mode: str | None) -> str | None:
     """None (no quantisation) or one of QUANT_MODES; anything else raises ValueError naming the allowed values."""
-    if mode is not None and mode not in QUANT_MODES:
-        raise ValueError(f"quantize must be None or one of {QUANT_MODES}, got {mode!r}")
-    return mode
+    return _check_mode("quantize", mode, QUANT_MODES)
 
 
 def quantize_weight_int8(w: Tensor, bf16_scales: bool = True) -> tuple[Tensor, Tensor]:
@@ -186,11 +190,16 @@ _LINEAR_TYPES = {"int8": Int8Linear, "bf16": Bf16Linear}
 S3GEN_QUANT_MODES = ("int8",)
 
 
+def _w8a8_kernels(t: Tensor) -> bool:
+    """Our C++ quantise / dequantise passes apply: a CPU tensor with contiguous rows, the kernels loaded."""
+    return t.device.type == "cpu" and t.stride(-1) == 1 and cpu_kernels.available()
+
+
 def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """(M, K) float32 -> (q (M, K) int8, s (M,) float32), per-row symmetric: q = round(x * 127 / max|x_m|) (ties
     to even), s = max|x_m| / 127 (0 for an all-zero row), so x ~= s[:, None] * q. Our C++ kernel when loaded, else
     the same formula in PyTorch."""
-    if x.device.type == "cpu" and cpu_kernels.available() and x.stride(-1) == 1:
+    if _w8a8_kernels(x):
         return torch.ops.chatterbox_fast.quantize_rows(x)
     amax = x.abs().amax(dim=1)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
@@ -234,22 +243,25 @@ class W8A8Linear(nn.Module):
         q, sx = quantize_rows_int8(x)
         return torch._int_mm(q, self.weight_int8.t()), sx
 
+    def _dequant(self, acc: Tensor, sx: Tensor) -> Tensor:
+        """PyTorch form of `chatterbox_fast::dequant_rows`: acc * sx[:, None] * scale + bias."""
+        y = acc.float() * (sx[:, None] * self.scale)
+        return y if self.bias is None else y.add_(self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         """x (M, K) float32 -> (M, N) float32."""
         acc, sx = self._int_mm(x)
-        if acc.device.type == "cpu" and cpu_kernels.available():
+        if _w8a8_kernels(acc):
             return torch.ops.chatterbox_fast.dequant_rows(acc, sx, self.scale, self.bias)
-        y = acc.float() * (sx[:, None] * self.scale)
-        return y if self.bias is None else y.add_(self.bias)
+        return self._dequant(acc, sx)
 
     def forward_acc_(self, y: Tensor, x: Tensor) -> Tensor:
         """y (M, N) += self(x), in place; returns y."""
         acc, sx = self._int_mm(x)
-        if acc.device.type == "cpu" and cpu_kernels.available() and y.stride(-1) == 1:
+        if _w8a8_kernels(y):
             torch.ops.chatterbox_fast.dequant_rows_acc_(y, acc, sx, self.scale, self.bias)
             return y
-        y.add_(acc.float() * (sx[:, None] * self.scale))
-        return y if self.bias is None else y.add_(self.bias)
+        return y.add_(self._dequant(acc, sx))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -258,9 +270,7 @@ class W8A8Linear(nn.Module):
 
 def check_s3gen_quantize_mode(mode: str | None) -> str | None:
     """None (exact fp32 S3Gen) or one of S3GEN_QUANT_MODES; anything else raises ValueError."""
-    if mode is not None and mode not in S3GEN_QUANT_MODES:
-        raise ValueError(f"s3gen_quantize must be None or one of {S3GEN_QUANT_MODES}, got {mode!r}")
-    return mode
+    return _check_mode("s3gen_quantize", mode, S3GEN_QUANT_MODES)
 
 
 def quantize_s3gen(s3gen: nn.Module, mode: str = "int8", release=None) -> nn.Module:

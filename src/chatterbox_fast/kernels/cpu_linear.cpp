@@ -323,6 +323,7 @@ struct Isa {
   static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V abs(V x) { return _mm512_andnot_ps(_mm512_set1_ps(-0.f), x); }
   static float reduce_max(V x) { return _mm512_reduce_max_ps(x); }
   static V exp2(V x) { return dec::exp2_ps(x); }
   static float reduce_add(V x) { return _mm512_reduce_add_ps(x); }
@@ -348,6 +349,7 @@ struct Isa {
   static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V abs(V x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
   static float reduce_max(V x) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -556,15 +558,8 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
   int64_t k = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
   using full::Isa;
-  const Isa::V sign = Isa::set1(-0.f);
   Isa::V m = Isa::zero();
-  for (; k + Isa::L <= K; k += Isa::L) {
-#if defined(__AVX512F__)
-    m = Isa::max(m, _mm512_andnot_ps(sign, Isa::load(x + k)));
-#else
-    m = Isa::max(m, _mm256_andnot_ps(sign, Isa::load(x + k)));
-#endif
-  }
+  for (; k + Isa::L <= K; k += Isa::L) m = Isa::max(m, Isa::abs(Isa::load(x + k)));
   amax = Isa::reduce_max(m);
 #endif
   for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
@@ -684,8 +679,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   return {q, s};
 }
 
-void dequant_into(float* y, int64_t ldy, const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,
-                  const c10::optional<at::Tensor>& bias, bool accumulate, const char* op) {
+// checks acc (M, N) int32, sx (M,), sw (N,), bias (N,) or None; returns the bias pointer (or null)
+const float* check_dequant(const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,
+                           const c10::optional<at::Tensor>& bias, const char* op) {
   TORCH_CHECK(acc.device().is_cpu() && acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.is_contiguous(), op,
               ": acc must be a contiguous (M, N) int32 CPU tensor, got ", acc.sizes(), " ", acc.scalar_type());
   const int64_t M = acc.size(0), N = acc.size(1);
@@ -693,26 +689,27 @@ void dequant_into(float* y, int64_t ldy, const at::Tensor& acc, const at::Tensor
                   sx.device().is_cpu(), op, ": sx must be a contiguous (", M, ",) float32 CPU tensor, got ", sx.sizes());
   TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.dim() == 1 && sw.size(0) == N && sw.is_contiguous() &&
                   sw.device().is_cpu(), op, ": sw must be a contiguous (", N, ",) float32 CPU tensor, got ", sw.sizes());
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
-                    bias->is_contiguous() && bias->device().is_cpu(),
-                op, ": bias must be a contiguous (", N, ",) float32 CPU tensor, got ", bias->sizes());
-    bp = bias->data_ptr<float>();
-  }
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
+                  bias->device().is_cpu(),
+              op, ": bias must be a contiguous (", N, ",) float32 CPU tensor, got ", bias->sizes());
+  return bias->data_ptr<float>();
+}
+
+// y rows (ldy apart) (+)= acc * sx[:, None] * sw[None, :] + bias, over the ATen pool; inputs already checked
+template <bool ACC>
+void dequant_into(float* y, int64_t ldy, const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,
+                  const float* bp) {
+  const int64_t M = acc.size(0), N = acc.size(1);
   const int32_t* ap = acc.data_ptr<int32_t>();
   const float* sxp = sx.data_ptr<float>();
   const float* swp = sw.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const int32_t* a = ap + m * N;
-      float* yr = y + m * ldy;
-      if (accumulate)
-        bp ? w8a8::dequant_row<true, true>(a, sxp[m], swp, bp, yr, N)
-           : w8a8::dequant_row<true, false>(a, sxp[m], swp, bp, yr, N);
+      if (bp != nullptr)
+        w8a8::dequant_row<ACC, true>(ap + m * N, sxp[m], swp, bp, y + m * ldy, N);
       else
-        bp ? w8a8::dequant_row<false, true>(a, sxp[m], swp, bp, yr, N)
-           : w8a8::dequant_row<false, false>(a, sxp[m], swp, bp, yr, N);
+        w8a8::dequant_row<ACC, false>(ap + m * N, sxp[m], swp, bp, y + m * ldy, N);
     }
   });
 }
@@ -720,8 +717,9 @@ void dequant_into(float* y, int64_t ldy, const at::Tensor& acc, const at::Tensor
 // acc (M, N) int32 -> acc * sx[:, None] * sw[None, :] + bias (M, N) float32
 at::Tensor dequant_rows(const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,
                         const c10::optional<at::Tensor>& bias) {
+  const float* bp = check_dequant(acc, sx, sw, bias, "dequant_rows");
   at::Tensor y = at::empty(acc.sizes(), acc.options().dtype(at::kFloat));
-  dequant_into(y.data_ptr<float>(), acc.dim() == 2 ? acc.size(1) : 0, acc, sx, sw, bias, false, "dequant_rows");
+  dequant_into<false>(y.data_ptr<float>(), acc.size(1), acc, sx, sw, bp);
   return y;
 }
 
@@ -732,7 +730,8 @@ void dequant_rows_acc_(at::Tensor& y, const at::Tensor& acc, const at::Tensor& s
                   y.sizes() == acc.sizes(),
               "dequant_rows_acc_: y must be a float32 CPU tensor of acc's shape ", acc.sizes(),
               " with contiguous rows, got ", y.sizes(), " ", y.scalar_type(), " strides ", y.strides());
-  dequant_into(y.data_ptr<float>(), y.stride(0), acc, sx, sw, bias, true, "dequant_rows_acc_");
+  const float* bp = check_dequant(acc, sx, sw, bias, "dequant_rows_acc_");
+  dequant_into<true>(y.data_ptr<float>(), y.stride(0), acc, sx, sw, bp);
 }
 
 const char* isa() {

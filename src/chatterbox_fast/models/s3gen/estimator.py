@@ -216,10 +216,10 @@ class BasicTransformerBlock(nn.Module):
         """`forward` IN PLACE on a contiguous x (inference only): each residual add rides in its output
         projection's GEMM (beta = 1 into x), then the bias is added in place. No (B, T, C) tensor is allocated
         for the residual stream."""
-        c = x.shape[-1]
-        y = x.view(-1, c)  # (B*T, C)
         if self.int8 is not None and x.device.type == "cpu":
             return self._forward_int8_(x, attn_bias)
+        c = x.shape[-1]
+        y = x.view(-1, c)  # (B*T, C)
         out = self.attn1.to_out[0]
         y.addmm_(self.attn1.attend(self.norm1(x), attn_bias).reshape(-1, out.in_features), out.weight.t())
         y.add_(out.bias)
