@@ -215,6 +215,10 @@ class OptimizedChatterboxTTS:
         if quantize is not None:
             # the float weights being replaced are our private memory-mapped checkpoint tensors: drop their pages
             quantize_t3(parts.t3, quantize, release=release_file_pages if dev.type == "cpu" else None)
+        # tap-major causal convs and one q/k/v GEMM per attention (same values; the int8 mode has its own q/k/v)
+        for t in parts.s3gen.flow.decoder.estimator.inference_layout_(fuse_qkv=s3gen_quantize is None):
+            if dev.type == "cpu":
+                release_file_pages(t)  # the replaced checkpoint tensors: drop their memory-mapped pages
         if s3gen_quantize is not None:
             quantize_s3gen(parts.s3gen, s3gen_quantize, release=release_file_pages)
         return cls(parts, dev, enable_compilation=enable_compilation, use_mixed_precision=use_mixed_precision,

@@ -53,6 +53,16 @@ def flow(state):
 
 
 @pytest.fixture(scope="module")
+def flow_fast(state):
+    """The flow with the engine's inference layout (tap-major convs, fused q/k/v GEMMs)."""
+    with torch.device("meta"):
+        model = S3GenFlow()
+    load_strict(model, state, FLOW_KEYMAP, name="s3gen.safetensors")
+    assert model.decoder.estimator.inference_layout_()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
 def prompts(oracle_fixture):
     return oracle_fixture(DUMP, "prompts")
 
@@ -280,3 +290,19 @@ def test_bad_input_is_rejected_clearly(change, exc, needle):
     kw.update(change)
     with pytest.raises(exc, match=needle):
         model.inference(**kw)
+
+
+@pytest.mark.parametrize("name", ["p052_b2", "p05_n25"])
+def test_final_mel_with_the_inference_layout(flow_fast, prompts, oracle_fixture, name):
+    """The engine's weight layout (ConditionalDecoder.inference_layout_) against the reference, same bounds."""
+    c = oracle_fixture(DUMP, name)
+    kwargs = _prompt_args(prompts, c)
+    if "lens" in c:
+        kwargs["speech_token_lens"] = c["lens"]
+    mel = flow_fast.inference(c["tokens"], noise=c["noise"], **kwargs)
+    err = _maxerr(mel, c["mel"])
+    assert err <= TOL_MEL, f"{name}: mel max abs err {err:.2e}"
+    v = flow_fast.decoder.estimator(c["x_in"], c["mask_in"], c["mu_in"], c["t_in"], c["spks_in"], c["cond_in"]) \
+        if "x_in" in c else None
+    if v is not None:
+        assert _maxerr(v, c["v"][0]) <= TOL_VEL

@@ -84,6 +84,18 @@ class CausalConv1d(nn.Module):
                 y[i, shift:].addmm_(x[i, : t - shift], wt)
         return y
 
+    def tap_major_(self) -> torch.Tensor | None:
+        """Store the weight tap-major: the same (O, I, k) tensor and values, laid out as (k, O, I) in memory, so each
+        tap's (O, I) matrix is contiguous and the shifted GEMMs read it in place (with the checkpoint's layout
+        every tap is a strided view that the GEMM first copies). Returns the replaced tensor, or None if there was
+        nothing to do (k = 1, or already tap-major)."""
+        w = self.weight
+        if self.kernel_size == 1 or w[:, :, 0].is_contiguous():
+            return None
+        old = w.data
+        w.data = old.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # strides (I, 1, O*I)
+        return old
+
 
 def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x * mask
@@ -109,7 +121,10 @@ class CausalBlock1D(nn.Module):
         self.block = nn.ModuleDict({"0": CausalConv1d(dim, dim_out, 3), "2": nn.LayerNorm(dim_out)})
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        y = mish_(self.block["2"](self.block["0"](_apply_mask(x, mask))))
+        y = self.block["2"](self.block["0"](_apply_mask(x, mask)))
+        if torch.is_grad_enabled():  # autograd needs the out-of-place ops
+            return F.mish(y) if mask is None else F.mish(y) * mask
+        y = mish_(y)
         return y if mask is None else y.mul_(mask)
 
 
@@ -147,10 +162,40 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_qkv_ (a plain attribute: not in the state_dict)
+
+    def fuse_qkv_(self) -> list[torch.Tensor]:
+        """Keep q, k and v's weights in one (3 H*hd, C) tensor, so inference runs one GEMM instead of three. The
+        three parameters become row views of it: same key names, values and state_dict; a load_state_dict copies into
+        it. Returns the replaced tensors (empty if already fused). Moving the module to another device or dtype
+        gives the parameters new storage; the fused GEMM then no longer applies and `attend` uses the three."""
+        if self._fused_qkv_weight() is not None:
+            return []
+        lins = (self.to_q, self.to_k, self.to_v)
+        old = [lin.weight.data for lin in lins]
+        w = torch.cat(old)  # (3 H*hd, C)
+        n = self.heads * self.head_dim
+        for i, lin in enumerate(lins):
+            lin.weight.data = w[i * n:(i + 1) * n]
+        self.qkv_weight = w
+        return old
+
+    def _fused_qkv_weight(self) -> torch.Tensor | None:
+        """The fused weight while the three parameters are still its row views, else None."""
+        w = self.qkv_weight
+        if w is None:
+            return None
+        step = w.stride(0) * w.element_size() * self.heads * self.head_dim
+        ptrs = (self.to_q.weight.data_ptr(), self.to_k.weight.data_ptr(), self.to_v.weight.data_ptr())
+        return w if ptrs == (w.data_ptr(), w.data_ptr() + step, w.data_ptr() + 2 * step) else None
 
     def attend(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         """(B, T, C) -> (B, T, H*hd) attention output before `to_out`."""
         b, t, _ = x.shape
+        w = None if torch.is_grad_enabled() else self._fused_qkv_weight()
+        if w is not None:  # one GEMM; q, k and v are views of its (B, T, 3, H, hd) output
+            qkv = F.linear(x, w).view(b, t, 3, self.heads, self.head_dim)
+            return self.attend_qkv(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], attn_bias)
         q, k, v = (lin(x).view(b, t, self.heads, self.head_dim) for lin in (self.to_q, self.to_k, self.to_v))
         return self.attend_qkv(q, k, v, attn_bias)
 
@@ -297,6 +342,20 @@ class ConditionalDecoder(nn.Module):
         if mask is None:
             return None
         return ((1.0 - mask) * self.cfg.mask_bias).transpose(1, 2).unsqueeze(1)
+
+    def inference_layout_(self, fuse_qkv: bool = True) -> list[torch.Tensor]:
+        """Re-lay the weights for fast inference, same values and state_dict keys: every causal conv tap-major
+        (`CausalConv1d.tap_major_`) and, with `fuse_qkv`, each attention's q/k/v in one GEMM (`Attention.fuse_qkv_`).
+        Returns the replaced weight tensors (a loader may drop their memory-mapped pages). Idempotent."""
+        old: list[torch.Tensor] = []
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, CausalConv1d):
+                    t = m.tap_major_()
+                    old += [] if t is None else [t]
+                elif isinstance(m, Attention) and fuse_qkv:
+                    old += m.fuse_qkv_()
+        return old
 
     def forward_packed(
         self,
