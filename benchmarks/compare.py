@@ -23,6 +23,8 @@ run counts. Modes:
   int8-compiled-cfm5  int8-compiled + cfm_steps=5 (half the flow's Euler steps; changes the numbers, opt-in)
   int8-compiled-flowint8  int8-compiled + s3gen_quantize="int8" (int8 GEMMs in the flow estimator, CPU only;
                  changes the numbers, opt-in)
+  int8-compiled-flowint8attn  the same with s3gen_quantize="int8-attn" (also int8 attention scores in the
+                 estimator; AVX512-VNNI CPUs; changes the numbers, opt-in)
 usage: python benchmarks/compare.py --ckpt-dir DIR [--device cuda] [--modes eager,bf16] [--cases short,medium,long]
        [--rounds N]
 """
@@ -61,6 +63,7 @@ MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quan
     "int8-compiled": (True, False, True, "int8", None, None),
     "int8-compiled-cfm5": (True, False, True, "int8", 5, None),
     "int8-compiled-flowint8": (True, False, True, "int8", None, "int8"),
+    "int8-compiled-flowint8attn": (True, False, True, "int8", None, "int8-attn"),
 }
 STOP_SPEECH, START_SPEECH = 6562, 6561
 DEFAULT_REF_PYTHON = Path(os.environ.get("CHATTERBOX_FAST_ORACLE_DIR",

@@ -1,7 +1,7 @@
 """S3Gen speed (flow: speech tokens + prompt -> mel; HiFT: mel -> wav): the reference vs ours, same weights, same run.
 
     .venv/bin/python benchmarks/s3gen.py [--tokens 125] [--device cpu|cuda] [--threads N] [--iters 3] [--rounds 1]
-        [--int8] [--out PATH]
+        [--int8] [--int8-attn] [--out PATH]
 
 WEIGHTS ARE RANDOM (the oracle's checkpoint, official shapes) and the prompt is synthetic: 250 prompt tokens and
 500 prompt frames (a 10 s prompt) + 125 generated tokens (5 s) -> T = 750 mel frames, 10 Euler steps of the CFM
@@ -15,7 +15,8 @@ on this one), and the speed-up ratio.
 - reference: benchmarks/_reference_s3gen.py in the oracle venv (subprocess, JSON on stdout).
 - --int8 (CPU): each round also measures ours with s3gen_quantize="int8" (the opt-in int8 estimator GEMMs), and the
   run ends with that mode's drift from the exact output (mel and waveform, same noise).
-- ours: in process, `S3Gen.flow.inference` then `S3Gen.mel2wav` eager, with our CPU kernels loaded on a CPU (as the
+- --int8-attn (CPU with AVX512-VNNI): the same for s3gen_quantize="int8-attn" (int8 GEMMs + int8 attention scores).
+- ours: in process, `S3Gen.flow.inference` then `S3Gen.mel2wav` eager, with the engine's estimator weight layout, with our CPU kernels loaded on a CPU (as the
   engine does; CHATTERBOX_FAST_CPU_KERNELS=0 measures the pure-PyTorch path).
 """
 
@@ -95,6 +96,7 @@ def setup_ours(a, ckpt: Path):
     t0 = time.perf_counter()
     s3gen = S3Gen.from_state(read_safetensors(ckpt / "s3gen.safetensors")).to(a.device)
     s3gen.init_buffers()
+    s3gen.flow.decoder.estimator.inference_layout_()  # as the engine runs it (same values)
     flow, hift = s3gen.flow, s3gen.mel2wav
     load_s = time.perf_counter() - t0
     x = {k: v.to(a.device) for k, v in prompt_inputs(a.tokens, a.prompt_tokens, a.prompt_frames).items()}
@@ -113,15 +115,17 @@ def setup_ours(a, ckpt: Path):
             "estimator_call_flops": est_flops}
     blocks = [m for m in est.modules() if isinstance(m, BasicTransformerBlock)]
     int8_linears = []
-    if a.int8:
-        quantize_s3gen(s3gen, "int8")
+    if a.int8 or a.int8_attn:
+        quantize_s3gen(s3gen, "int8-attn" if a.int8_attn else "int8")
         int8_linears = [b.int8 for b in blocks]
 
-    def use_int8(on: bool) -> None:
+    def use_int8(mode: str | None) -> None:
+        """None (exact), "int8" (int8 GEMMs) or "int8-attn" (also int8 attention scores)."""
         for b, q in zip(blocks, int8_linears):
-            b.int8 = q if on else None
+            b.int8 = q if mode else None
+            b.int8_attention = mode == "int8-attn"
 
-    use_int8(False)
+    use_int8(None)
 
     def measure() -> dict:
         orig = est.forward_packed
@@ -154,16 +158,16 @@ def setup_ours(a, ckpt: Path):
         return {"flow": flow_ms, "hift": hift_ms, "est": est_ms[-10 * a.iters:], "mel_shape": list(mel.shape),
                 "wav_samples": wav.shape[-1]}
 
-    def drift() -> dict:
-        """The int8 mode's output against the exact one: same inputs, same CFM noise and HiFT randomness."""
+    def drift(mode: str) -> dict:
+        """An int8 mode's output against the exact one: same inputs, same CFM noise and HiFT randomness."""
         outs = []
-        for on in (False, True):
+        for on in (None, mode):
             use_int8(on)
             mel = flow.inference(x["speech_tokens"], x["prompt_token"], x["prompt_feat"], x["embedding"],
                                  generator=torch.Generator(device=a.device).manual_seed(0))
             wav, _ = hift(mel, generator=torch.Generator(device=a.device).manual_seed(1))
             outs.append((mel.float().cpu(), wav.float().cpu()))
-        use_int8(False)
+        use_int8(None)
         (m0, w0), (m1, w1) = outs
 
         def rel(u, v):
@@ -205,6 +209,8 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--int8", action="store_true", help="also measure s3gen_quantize='int8' (int8 estimator GEMMs, "
                     "CPU) in every round, and its drift from the exact output")
+    ap.add_argument("--int8-attn", action="store_true", help="also measure s3gen_quantize='int8-attn' (int8 GEMMs "
+                    "and int8 attention scores, AVX512-VNNI CPUs) in every round, and its drift")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds for the reference subprocess")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -216,11 +222,12 @@ def main() -> None:
     if not oracle_paths.is_built(ckpt):
         sys.exit(f"oracle checkpoint missing: {ckpt} (run `make oracle`)")
 
-    if a.int8 and a.device != "cpu":
-        sys.exit("--int8 is a CPU mode")
+    if (a.int8 or a.int8_attn) and a.device != "cpu":
+        sys.exit("--int8 / --int8-attn are CPU modes")
     info, measure, use_int8, drift = setup_ours(a, ckpt)
     raw = {"ours": {"flow": [], "hift": [], "est": []}, "reference": {"flow": [], "hift": [], "est": []},
-           "ours_int8": {"flow": [], "hift": [], "est": []}}
+           "ours_int8": {"flow": [], "hift": [], "est": []}, "ours_int8_attn": {"flow": [], "hift": [], "est": []}}
+    int8_modes = [m for m, on in (("int8", a.int8), ("int8-attn", a.int8_attn)) if on]
     gemm_probes, ref, shapes = [], None, {}
     for _ in range(a.rounds):  # ours and the reference alternate: both see the machine's slow and fast spells
         gemm_probes.append(common.measure_gemm_gflops(device=a.device))
@@ -228,12 +235,12 @@ def main() -> None:
         shapes = {"mel_shape": m["mel_shape"], "wav_samples": m["wav_samples"]}
         for k in ("flow", "hift", "est"):
             raw["ours"][k] += m[k]
-        if a.int8:
-            use_int8(True)
+        for mode in int8_modes:
+            use_int8(mode)
             m = measure()
-            use_int8(False)
+            use_int8(None)
             for k in ("flow", "hift", "est"):
-                raw["ours_int8"][k] += m[k]
+                raw["ours_" + mode.replace("-", "_")][k] += m[k]
         if not a.no_reference:
             ref = run_reference(a, ckpt)
             for k, rk in (("flow", "flow_all_ms"), ("hift", "hift_all_ms"), ("est", "estimator_all_ms")):
@@ -277,11 +284,14 @@ def main() -> None:
         result["speedup_estimator_median"] = (
             ref["estimator_call_ms"]["median_ms"] / ours["estimator_call_ms"]["median_ms"]
         )
-    if a.int8:
-        o8 = {"flow_ms": _stats(raw["ours_int8"]["flow"]), "hift_ms": _stats(raw["ours_int8"]["hift"]),
-              "estimator_call_ms": _stats(raw["ours_int8"]["est"]), "raw_ms": raw["ours_int8"],
-              "drift_vs_exact": drift(),
-              "note": "s3gen_quantize='int8': int8 GEMMs for the estimator's transformer linears; changes the output"}
+    notes = {"int8": "s3gen_quantize='int8': int8 GEMMs for the estimator's transformer linears; changes the output",
+             "int8-attn": "s3gen_quantize='int8-attn': int8 GEMMs and int8 attention scores (Q K^T); changes the "
+                          "output"}
+    for mode in int8_modes:
+        key = "ours_" + mode.replace("-", "_")
+        o8 = {"flow_ms": _stats(raw[key]["flow"]), "hift_ms": _stats(raw[key]["hift"]),
+              "estimator_call_ms": _stats(raw[key]["est"]), "raw_ms": raw[key],
+              "drift_vs_exact": drift(mode), "note": notes[mode]}
         o8["estimator_speedup_vs_exact_median"] = (ours["estimator_call_ms"]["median_ms"]
                                                    / o8["estimator_call_ms"]["median_ms"])
         o8["flow_speedup_vs_exact_min"] = ours["flow_ms"]["min_ms"] / o8["flow_ms"]["min_ms"]
@@ -289,7 +299,7 @@ def main() -> None:
             o8["speedup_flow_plus_hift_min_vs_reference"] = (
                 (ref["flow_ms"]["min_ms"] + ref["hift_ms"]["min_ms"])
                 / (o8["flow_ms"]["min_ms"] + o8["hift_ms"]["min_ms"]))
-        result["ours_int8"] = o8
+        result[key] = o8
     out = a.out or HERE / "results" / f"s3gen-{a.device.replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     common.write_json(out, result)
     print(json.dumps(result, indent=2, default=str))

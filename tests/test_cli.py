@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import soundfile as sf
 
+from chatterbox_fast import kernels
 from chatterbox_fast.cli import main
 
 
@@ -22,7 +23,7 @@ def test_speak_writes_a_24k_wav(oracle_ckpt, tmp_path, capsys):
     out = tmp_path / "hello.wav"
     rc = main(["speak", "Hello from the command line.", "-o", str(out), "--ckpt-dir", str(oracle_ckpt),
                "--device", "cpu", "--no-watermark", "--max-new-tokens", "6", "--seed", "0", "--cfm-steps", "4",
-               "--s3gen-quantize", "int8"])
+               "--s3gen-quantize", "int8-attn" if kernels.load() and kernels.int8_attention_ready() else "int8"])
     assert rc == 0
     info = sf.info(out)
     assert info.samplerate == 24000 and info.channels == 1 and info.frames > 0

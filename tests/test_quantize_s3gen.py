@@ -223,7 +223,98 @@ def test_engine_s3gen_quantize_option(monkeypatch, tmp_path):
     monkeypatch.setattr(engine.OptimizedChatterboxTTS, "__init__", lambda self, parts, *a, **k: None)
     engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", s3gen_quantize="int8")
     assert all(b.int8 is not None for b in est.modules() if isinstance(b, BasicTransformerBlock))
+    conv = est.down_blocks[0][2]  # the engine's inference layout: tap-major convs
+    assert all(conv.weight[:, :, j].is_contiguous() for j in range(3))
+    if cpu_kernels.int8_attention_ready():
+        engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", s3gen_quantize="int8-attn")
+        assert all(b.int8_attention for b in est.modules() if isinstance(b, BasicTransformerBlock))
+    else:
+        with pytest.raises(ValueError, match="AVX512-VNNI"):
+            engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", s3gen_quantize="int8-attn")
     with pytest.raises(ValueError, match="s3gen_quantize must be None"):
         engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", s3gen_quantize="fp8")
     with pytest.raises(ValueError, match="is a CPU mode"):
         engine.OptimizedChatterboxTTS.from_local(tmp_path, device="meta", s3gen_quantize="int8")
+
+
+# ---- "int8-attn": attention scores from int8 dot products (chatterbox_fast::full_attention_int8qk) ----------------
+def _ref_int8qk_attention(q, k, v, scale):
+    """PyTorch statement of the op: keys centred over T, per-key and per-row (pre-scaled) query int8, exact integer
+    scores times the two scales, base-2 softmax, fp32 P V. q, k, v (B, T, H, D) -> (B, T, H, D)."""
+    qs = q.permute(0, 2, 1, 3).float() * (scale * 1.4426950408889634)  # (B, H, T, D)
+    kc = k.permute(0, 2, 1, 3).float()
+    kc = kc - kc.mean(dim=2, keepdim=True)
+    b, h, t, d = qs.shape
+    q8, sq = _ref_quantize_rows(qs.reshape(-1, d))
+    k8, sk = _ref_quantize_rows(kc.reshape(-1, d))
+    q8, k8 = q8.view(b, h, t, d).double(), k8.view(b, h, t, d).double()
+    s = (q8 @ k8.transpose(-1, -2)) * sk.view(b, h, 1, t).double() * sq.view(b, h, t, 1).double()
+    p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
+    o = (p / p.sum(dim=-1, keepdim=True)) @ v.permute(0, 2, 1, 3).double()
+    return o.permute(0, 2, 1, 3).float()
+
+
+def _qkv(t: int, heads: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, t, 3, heads, d, generator=g)
+    x[:, :, 1] += 3.0 * torch.randn(heads, d, generator=g)  # a common key offset: the centring must absorb it
+    return x[:, :, 0], x[:, :, 1], x[:, :, 2]  # strided (B, T, H, D) views, as the estimator passes them
+
+
+@pytest.mark.parametrize("t", [1, 31, 33, 77])
+@pytest.mark.parametrize("d", [16, 64])
+def test_int8qk_attention_matches_its_definition(t, d):
+    if not cpu_kernels.load():
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.error()}")
+    q, k, v = _qkv(t, 2, d)
+    want = _ref_int8qk_attention(q, k, v, d ** -0.5)
+    exact = F.scaled_dot_product_attention(*(z.transpose(1, 2) for z in (q, k, v))).transpose(1, 2)
+    paths = [True] + ([False] if d == 64 and cpu_kernels.int8_attention_ready() else [])
+    outs = [torch.ops.chatterbox_fast.full_attention_int8qk(q, k, v, d ** -0.5, portable) for portable in paths]
+    for y in outs:
+        assert y.shape == q.shape and y.is_contiguous()
+        torch.testing.assert_close(y, want, rtol=0, atol=2e-5)  # only float summation order differs
+        if t > 1:  # the int8 scores really change the output, within a few per cent
+            assert 1e-4 < _rel_rms(y, exact) < 0.03
+    if len(outs) == 2:  # the VNNI tiles and the portable loop: the same integer sums, the same epilogue
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=2e-6)
+
+
+def test_int8qk_attention_bad_input():
+    if not cpu_kernels.load():
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.error()}")
+    q, k, v = _qkv(8, 2, 64)
+    with pytest.raises(RuntimeError, match="full_attention_int8qk: q, k and v must be"):
+        torch.ops.chatterbox_fast.full_attention_int8qk(q.double(), k, v, 0.125)
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.chatterbox_fast.full_attention_int8qk(q, k[:, :4], v, 0.125)
+    with pytest.raises(RuntimeError, match="head size"):
+        big = torch.randn(1, 2, 1, 2048)
+        torch.ops.chatterbox_fast.full_attention_int8qk(big, big, big, 0.1)
+
+
+def test_quantize_s3gen_int8_attn_mode(monkeypatch):
+    if not (cpu_kernels.load() and cpu_kernels.int8_attention_ready()):
+        with pytest.raises(ValueError, match="AVX512-VNNI"):
+            quantize_s3gen(_tiny_estimator(64), "int8-attn")
+        return
+    est = _tiny_estimator(64)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 37, 320, generator=g)
+    t_emb = est.embed_time(torch.rand(2, generator=g))
+    with torch.no_grad():
+        exact = est.forward_packed(h.clone(), t_emb)
+        quantize_s3gen(est, "int8")
+        gemms = est.forward_packed(h.clone(), t_emb)
+        quantize_s3gen(est, "int8-attn")  # same int8 linears, int8 scores on top
+        blocks = [m for m in est.modules() if isinstance(m, BasicTransformerBlock)]
+        assert all(b.int8_attention for b in blocks)
+        both = est.forward_packed(h.clone(), t_emb)
+        quantize_s3gen(est, "int8")  # and back: the int8-GEMM output again, exactly
+        assert torch.equal(est.forward_packed(h.clone(), t_emb), gemms)
+    assert 1e-5 < _rel_rms(both, gemms) < 0.05  # the scores path is really taken
+    assert _rel_rms(both, exact) < 0.08
+    # no kernel: a clear error instead of a slow portable loop
+    monkeypatch.setattr(cpu_kernels, "int8_attention_ready", lambda: False)
+    with pytest.raises(ValueError, match="s3gen_quantize='int8-attn' needs a CPU with AVX512-VNNI"):
+        quantize_s3gen(_tiny_estimator(64), "int8-attn")

@@ -38,8 +38,9 @@ def _speak_parser(sub) -> None:
                    "bf16 with fp32 math (faster decode, small drift)")
     p.add_argument("--quantize", choices=["int8", "bf16"], help="weight-only int8 (or bf16) for T3's linears "
                    "(faster decode; drift vs fp32 in BENCHMARKS.md)")
-    p.add_argument("--s3gen-quantize", choices=["int8"], help="CPU: int8 GEMMs in S3Gen's flow estimator (faster "
-                   "flow; changes the audio, drift in BENCHMARKS.md)")
+    p.add_argument("--s3gen-quantize", choices=["int8", "int8-attn"], help="CPU: int8 GEMMs in S3Gen's flow "
+                   "estimator (faster flow; changes the audio, drift in BENCHMARKS.md); int8-attn also int8 attention "
+                   "scores (AVX512-VNNI CPUs)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step and the flow estimator "
                    "eagerly instead of replaying CUDA graphs")
     p.add_argument("--cfm-steps", type=int, help="S3Gen flow-matching steps (default 10 = the reference's, exact); "

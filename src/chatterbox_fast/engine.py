@@ -22,6 +22,7 @@ from .generation.decode import clean_speech_tokens, generate_tokens
 from .generation.sampling import SamplingParams
 from .loading import Components, download_checkpoint, load_components
 from .memory import release_file_pages
+from .models.s3gen.estimator import ConditionalDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +188,10 @@ class OptimizedChatterboxTTS:
         launch overhead; generation/cuda_graph.py). False runs them eagerly.
         s3gen_quantize="int8" (CPU only, opt-in, CHANGES THE OUTPUT): int8 GEMMs (int8 weights and per-row int8
         activations) for the transformer linears of S3Gen's flow estimator (quantize.quantize_s3gen; speed and the
-        mel's drift in BENCHMARKS.md)."""
-        from .quantize import check_quantize_mode, check_s3gen_quantize_mode, quantize_s3gen, quantize_t3
+        mel's drift in BENCHMARKS.md). s3gen_quantize="int8-attn" adds attention scores from int8 dot products
+        (AVX512-VNNI CPUs only; a ValueError elsewhere)."""
+        from .quantize import (check_int8_attention_supported, check_quantize_mode, check_s3gen_quantize_mode,
+                               quantize_s3gen, quantize_t3)
 
         check_quantize_mode(quantize)
         check_s3gen_quantize_mode(s3gen_quantize)
@@ -196,6 +199,7 @@ class OptimizedChatterboxTTS:
         if s3gen_quantize is not None and dev.type != "cpu":
             raise ValueError(f"s3gen_quantize={s3gen_quantize!r} is a CPU mode (int8 GEMMs); on {dev.type} leave it "
                              "None (use_mixed_precision=True selects bf16 on CUDA)")
+        check_int8_attention_supported(s3gen_quantize)
         if dev.type == "cpu":
             cpu_kernels.load()  # our C++ kernels (T3 decode attention, int8 / bf16 linears); a failed build warns
         t3_dtype = torch.float32
@@ -216,9 +220,10 @@ class OptimizedChatterboxTTS:
             # the float weights being replaced are our private memory-mapped checkpoint tensors: drop their pages
             quantize_t3(parts.t3, quantize, release=release_file_pages if dev.type == "cpu" else None)
         # tap-major causal convs and one q/k/v GEMM per attention (same values; the int8 mode has its own q/k/v)
-        for t in parts.s3gen.flow.decoder.estimator.inference_layout_(fuse_qkv=s3gen_quantize is None):
-            if dev.type == "cpu":
-                release_file_pages(t)  # the replaced checkpoint tensors: drop their memory-mapped pages
+        for est in [m for m in parts.s3gen.modules() if isinstance(m, ConditionalDecoder)]:
+            for t in est.inference_layout_(fuse_qkv=s3gen_quantize is None):
+                if dev.type == "cpu":
+                    release_file_pages(t)  # the replaced checkpoint tensors: drop their memory-mapped pages
         if s3gen_quantize is not None:
             quantize_s3gen(parts.s3gen, s3gen_quantize, release=release_file_pages)
         return cls(parts, dev, enable_compilation=enable_compilation, use_mixed_precision=use_mixed_precision,

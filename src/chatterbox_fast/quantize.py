@@ -187,7 +187,7 @@ class Bf16Linear(nn.Module):
 
 _LINEAR_TYPES = {"int8": Int8Linear, "bf16": Bf16Linear}
 
-S3GEN_QUANT_MODES = ("int8",)
+S3GEN_QUANT_MODES = ("int8", "int8-attn")
 
 
 def _w8a8_kernels(t: Tensor) -> bool:
@@ -273,11 +273,25 @@ def check_s3gen_quantize_mode(mode: str | None) -> str | None:
     return _check_mode("s3gen_quantize", mode, S3GEN_QUANT_MODES)
 
 
+def check_int8_attention_supported(mode: str | None) -> None:
+    """"int8-attn" needs the AVX512-VNNI attention kernel (`kernels.int8_attention_ready()`): a clear ValueError
+    otherwise (elsewhere only a portable loop exists, many times slower than the fp32 attention it would replace)."""
+    if mode == "int8-attn" and not (cpu_kernels.load() and cpu_kernels.int8_attention_ready()):
+        why = cpu_kernels.error() or f"the kernels' build is {cpu_kernels.isa()!r} or this CPU lacks AVX512-VNNI"
+        raise ValueError(f"s3gen_quantize='int8-attn' needs a CPU with AVX512-VNNI and our AVX-512 kernels ({why}); "
+                         "use s3gen_quantize='int8' (int8 GEMMs, fp32 attention) here")
+
+
 def quantize_s3gen(s3gen: nn.Module, mode: str = "int8", release=None) -> nn.Module:
     """Opt-in int8 GEMMs for S3Gen's CFM estimator (CPU): every transformer block of the estimator gets W8A8Linear
     copies of its q/k/v (stacked into one GEMM), output and feed-forward linears (`BasicTransformerBlock.int8`),
     which its in-place inference forward then uses on a CPU. Those linears are ~57 % of the estimator's FLOPs; the
     rest (attention, convolutions, norms) stays fp32. This CHANGES THE OUTPUT (drift measured in BENCHMARKS.md).
+
+    mode "int8-attn" also computes the attention scores from int8 dot products
+    (`chatterbox_fast::full_attention_int8qk`: keys centred, per-key and per-query int8 scales; softmax and P V stay
+    fp32); AVX512-VNNI CPUs only (ValueError elsewhere). Converting an "int8" model to "int8-attn" (or back) only
+    switches the attention.
 
     `s3gen`: an S3Gen or anything holding the estimator's BasicTransformerBlocks; in place; returns it. Converting
     twice is a no-op. `release`: called with each float weight now shadowed by an int8 copy (the engine passes
@@ -293,8 +307,10 @@ def quantize_s3gen(s3gen: nn.Module, mode: str = "int8", release=None) -> nn.Mod
         raise TypeError(f"no estimator transformer blocks found in {type(s3gen).__name__}")
     if blocks[0].norm1.weight.device.type == "cpu":
         cpu_kernels.load()
+    check_int8_attention_supported(mode)
     with torch.no_grad():
         for blk in blocks:
+            blk.int8_attention = mode == "int8-attn"
             if blk.int8 is not None:
                 continue
             a, ff = blk.attn1, blk.ff

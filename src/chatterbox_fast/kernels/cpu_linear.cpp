@@ -594,6 +594,247 @@ void dequant_row(const int32_t* __restrict acc, float sx, const float* __restric
 }
 }  // namespace w8a8
 
+// ---- S3Gen estimator attention with int8 Q K^T scores (opt-in: s3gen_quantize="int8-attn") ----
+// Keys minus their mean over the sequence (a per-query constant shift of the scores, which softmax ignores; it
+// centres the key channels so the int8 range is not spent on a common offset), each key and each pre-scaled query
+// row quantised to int8 with its own scale (w8a8::quantize_row); S[i][t] = float(q8_i . k8_t) * sk[t] * sq[i] with
+// the integer dot product exact, then the fp32 softmax and P V of full_attention. AVX-512 VNNI (vpdpbusd, u8 x s8:
+// the queries are stored + 128 and the 128 * sum(k8_t) that adds is the accumulators' start value); a portable
+// loop with the same integer sums and the same fp32 epilogue everywhere else (for tests: slow).
+namespace fq8 {
+constexpr int D = 64;
+
+struct Keys {  // one head: int8 keys (T x D), per-key scale, per-key sum of the int8 values
+  std::vector<int8_t> k8;
+  std::vector<float> sk;
+  std::vector<int32_t> ks;
+};
+
+void quantize_keys(const full::Head& h, int64_t T, int64_t Dh, Keys& out) {
+  std::vector<float> mean(static_cast<size_t>(Dh), 0.f), row(static_cast<size_t>(Dh));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < Dh; ++d) mean[d] += h.k[t * h.ldk + d];
+  for (int64_t d = 0; d < Dh; ++d) mean[d] /= static_cast<float>(T);
+  out.k8.assign(static_cast<size_t>(T * Dh), 0);
+  out.sk.assign(static_cast<size_t>(T), 0.f);
+  out.ks.assign(static_cast<size_t>(T), 0);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t d = 0; d < Dh; ++d) row[d] = h.k[t * h.ldk + d] - mean[d];
+    int8_t* k8 = out.k8.data() + t * Dh;
+    w8a8::quantize_row(row.data(), Dh, k8, &out.sk[t]);
+    int32_t sum = 0;
+    for (int64_t d = 0; d < Dh; ++d) sum += k8[d];
+    out.ks[t] = sum;
+  }
+}
+
+// qscale * q row -> int8 row + scale
+inline void quantize_query(const float* q, int64_t Dh, float qscale, float* tmp, int8_t* q8, float* sq) {
+  for (int64_t d = 0; d < Dh; ++d) tmp[d] = q[d] * qscale;
+  w8a8::quantize_row(tmp, Dh, q8, sq);
+}
+
+// Portable: one query row at a time, exact int32 dot products, the epilogue and softmax in the order of the VNNI path.
+void attend_head_portable(const full::Head& h, int64_t T, int64_t Dh, float qscale) {
+  Keys keys;
+  quantize_keys(h, T, Dh, keys);
+  std::vector<float> sc(static_cast<size_t>(T)), acc(static_cast<size_t>(Dh)), tmp(static_cast<size_t>(Dh));
+  std::vector<int8_t> q8(static_cast<size_t>(Dh));
+  for (int64_t i = 0; i < T; ++i) {
+    float sq = 0.f;
+    quantize_query(h.q + i * h.ldq, Dh, qscale, tmp.data(), q8.data(), &sq);
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < T; ++t) {
+      const int8_t* k8 = keys.k8.data() + t * Dh;
+      int32_t a = 0;
+      for (int64_t d = 0; d < Dh; ++d) a += static_cast<int32_t>(q8[d]) * k8[d];
+      sc[t] = static_cast<float>(a) * keys.sk[t] * sq;
+      mx = std::max(mx, sc[t]);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < T; ++t) sum += (sc[t] = std::exp2(sc[t] - mx));
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = 0; d < Dh; ++d) acc[d] += sc[t] * h.v[t * h.ldv + d];
+    for (int64_t d = 0; d < Dh; ++d) h.out[i * h.ldo + d] = acc[d] / sum;
+  }
+}
+
+#if defined(__AVX512F__) && defined(__GNUC__)
+#define CBF_HAVE_VNNI_PATH 1
+constexpr int QR = 12, KW = 32, MB = 48;  // query rows per tile, keys per panel (2 x 16 lanes), rows per block
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+}
+
+// acc += per 32-bit lane, the 4 products of a's u8 and b's s8 bytes. Inline asm rather than _mm512_dpbusd_epi32:
+// GCC 12 spills the 24 accumulators of the intrinsic's tile to the stack on every step (measured: no faster than fp32).
+__attribute__((target("avx512f,avx512vnni")))
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// S[r][0..32) for r < QR: int32 accumulators start at -128 ks[t], add (q8 + 128) . k8 over 16 groups of 4 channels
+// (kp: the panel, 16 groups x 2 halves x 16 keys x 4 bytes), then float(acc) * sk[t] * sq[r]; rmax[r] tracks maxima.
+__attribute__((target("avx512f,avx512vnni")))
+inline void qk_tile_vnni(const uint8_t* qu, const int8_t* kp, const int32_t* ks, const float* sk, const float* sq,
+                         float* s, int64_t lds, __m512* rmax) {
+  const __m512i c0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_loadu_si512(ks), 7));
+  const __m512i c1 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_loadu_si512(ks + 16), 7));
+  __m512i acc[QR][2];
+  for (int r = 0; r < QR; ++r) {
+    acc[r][0] = c0;
+    acc[r][1] = c1;
+  }
+  for (int g = 0; g < D / 4; ++g) {
+    const __m512i b0 = _mm512_loadu_si512(kp + g * 128), b1 = _mm512_loadu_si512(kp + g * 128 + 64);
+    for (int r = 0; r < QR; ++r) {
+      int32_t w;
+      std::memcpy(&w, qu + r * D + 4 * g, 4);
+      const __m512i a = _mm512_set1_epi32(w);
+      acc[r][0] = dpbusd(acc[r][0], a, b0);
+      acc[r][1] = dpbusd(acc[r][1], a, b1);
+    }
+  }
+  const __m512 s0 = _mm512_loadu_ps(sk), s1 = _mm512_loadu_ps(sk + 16);
+  for (int r = 0; r < QR; ++r) {
+    const __m512 qv = _mm512_set1_ps(sq[r]);
+    const __m512 v0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), s0), qv);
+    const __m512 v1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), s1), qv);
+    _mm512_storeu_ps(s + r * lds, v0);
+    _mm512_storeu_ps(s + r * lds + 16, v1);
+    rmax[r] = _mm512_max_ps(rmax[r], _mm512_max_ps(v0, v1));
+  }
+}
+
+__attribute__((target("avx512f,avx512vnni")))
+void attend_head_vnni(const full::Head& h, int64_t T, float qscale) {
+  using full::Isa;
+  thread_local full::Buf bs, bo, bv;
+  thread_local std::vector<int8_t> kp;
+  thread_local std::vector<int32_t> ksp;
+  thread_local std::vector<float> skp;
+  Keys keys;
+  quantize_keys(h, T, D, keys);
+  const int64_t Tp = (T + KW - 1) / KW * KW;
+  kp.assign(static_cast<size_t>(Tp * D), 0);  // panels of KW keys: [group][half][lane][4 channels]
+  ksp.assign(static_cast<size_t>(Tp), 0);
+  skp.assign(static_cast<size_t>(Tp), 0.f);
+  for (int64_t t = 0; t < T; ++t) {
+    int8_t* panel = kp.data() + (t / KW) * (KW * D);
+    const int64_t half = (t % KW) / 16, lane = t % 16;
+    for (int g = 0; g < D / 4; ++g)
+      std::memcpy(panel + g * 128 + half * 64 + lane * 4, keys.k8.data() + t * D + 4 * g, 4);
+    ksp[t] = keys.ks[t];
+    skp[t] = keys.sk[t];
+  }
+  float* vv = bv.get(T * D);
+  for (int64_t t = 0; t < T; ++t) std::memcpy(vv + t * D, h.v + t * h.ldv, D * sizeof(float));
+  const int64_t lds = Tp + 16;
+  float* s = bs.get(MB * lds);
+  float* o = bo.get(MB * D);
+  alignas(64) uint8_t qu[MB * D];
+  alignas(64) int8_t q8[D];
+  alignas(64) float tmp[D];
+  float sq[MB], linv[MB];
+  alignas(64) __m512 rmax[MB];
+  alignas(64) __m512 spare[QR];
+  const int64_t Tfull = T / KW * KW;
+  for (int64_t m0 = 0; m0 < T; m0 += MB) {
+    const int rows = static_cast<int>(std::min<int64_t>(MB, T - m0));
+    const int rq = (rows + QR - 1) / QR * QR, rp = (rows + full::PR - 1) / full::PR * full::PR;
+    for (int r = 0; r < rq; ++r) {
+      if (r < rows) {
+        quantize_query(h.q + (m0 + r) * h.ldq, D, qscale, tmp, q8, &sq[r]);
+      } else {
+        std::memset(q8, 0, D);
+        sq[r] = 0.f;
+      }
+      for (int d = 0; d < D; ++d) qu[r * D + d] = static_cast<uint8_t>(static_cast<int32_t>(q8[d]) + 128);
+      rmax[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    }
+    for (int64_t j = 0; j < Tfull; j += KW)
+      for (int r = 0; r < rq; r += QR)
+        qk_tile_vnni(qu + r * D, kp.data() + j * D, ksp.data() + j, skp.data() + j, sq + r, s + r * lds + j, lds,
+                     rmax + r);
+    if (Tfull < T) {  // last panel: its zero-padded keys must not enter the row maxima
+      for (int r = 0; r < rq; r += QR)
+        qk_tile_vnni(qu + r * D, kp.data() + Tfull * D, ksp.data() + Tfull, skp.data() + Tfull, sq + r,
+                     s + r * lds + Tfull, lds, spare);
+      for (int r = 0; r < rows; ++r)
+        for (int64_t t = Tfull; t < T; ++t) rmax[r] = _mm512_max_ps(rmax[r], _mm512_set1_ps(s[r * lds + t]));
+    }
+    for (int r = 0; r < rows; ++r) linv[r] = 1.f / full::softmax_row(s + r * lds, T, _mm512_reduce_max_ps(rmax[r]));
+    for (int r = rows; r < rp; ++r) std::memset(s + r * lds, 0, lds * sizeof(float));  // padded rows of P
+    for (int64_t t0 = 0; t0 < T; t0 += full::TB) {
+      const int n = static_cast<int>(std::min<int64_t>(full::TB, T - t0));
+      for (int r = 0; r < rp; r += full::PR)
+        full::pv_tile(s + r * lds + t0, lds, vv + t0 * D, n, o + r * D, t0 == 0);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const __m512 li = _mm512_set1_ps(linv[r]);
+      float* orow = h.out + (m0 + r) * h.ldo;
+      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), li));
+    }
+  }
+}
+#else
+bool cpu_has_vnni() { return false; }
+#endif
+}  // namespace fq8
+
+bool attention_int8_fast() {  // the VNNI path applies (AVX-512 build on a CPU with AVX512-VNNI)
+  static const bool ok = fq8::cpu_has_vnni();
+  return ok;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 && t->stride(3) == 1, op,
+                ": q, k and v must be (B, T, H, D) float32 CPU tensors with a contiguous last dim, got ", t->sizes(),
+                " ", t->scalar_type(), " strides ", t->strides());
+    TORCH_CHECK(t->sizes() == q.sizes(), op, ": q, k and v must have the same shape, got ", q.sizes(), " and ",
+                t->sizes());
+  }
+  TORCH_CHECK(q.size(1) >= 1 && q.size(3) >= 1, op, ": empty sequence or head, got ", q.sizes());
+  TORCH_CHECK(q.size(1) < (int64_t{1} << 24) && q.stride(1) < (int64_t{1} << 24) && k.stride(1) < (int64_t{1} << 24),
+              op, ": sequence or row stride too large");
+}
+
+// force_portable: the portable loop even where the VNNI path applies (tests compare the two)
+at::Tensor full_attention_int8qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                 bool force_portable) {
+  check_qkv(q, k, v, "full_attention_int8qk");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
+  TORCH_CHECK(Dh <= 1040, "full_attention_int8qk: head size ", Dh, " > 1040 (int32 dot products could overflow)");
+  at::Tensor y = at::empty({B, T, H, Dh}, q.options());
+  const float qscale = static_cast<float>(scale * 1.4426950408889634);  // base-2 softmax
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool fast = !force_portable && Dh == fq8::D && attention_int8_fast();
+  at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = g / H, hh = g % H;
+      const full::Head h{qp + b * q.stride(0) + hh * q.stride(2), kp + b * k.stride(0) + hh * k.stride(2),
+                         vp + b * v.stride(0) + hh * v.stride(2), yp + (b * T * H + hh) * Dh,
+                         q.stride(1), k.stride(1), v.stride(1), H * Dh};
+#if defined(CBF_HAVE_VNNI_PATH)
+      if (fast) {
+        fq8::attend_head_vnni(h, T, qscale);
+        continue;
+      }
+#endif
+      fq8::attend_head_portable(h, T, Dh, qscale);
+    }
+  });
+  return y;
+}
+
 at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 && t->stride(3) == 1,
@@ -751,6 +992,7 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale) -> Tensor");
   m.def("full_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("full_attention_int8qk(Tensor q, Tensor k, Tensor v, float scale, bool force_portable=False) -> Tensor");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("dequant_rows(Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> Tensor");
   m.def("dequant_rows_acc_(Tensor(a!) y, Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> ()");
@@ -761,6 +1003,7 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
   m.impl("decode_attention", &decode_attention);
   m.impl("full_attention", &full_attention);
+  m.impl("full_attention_int8qk", &full_attention_int8qk);
   m.impl("quantize_rows", &quantize_rows);
   m.impl("dequant_rows", &dequant_rows);
   m.impl("dequant_rows_acc_", &dequant_rows_acc_);
@@ -768,3 +1011,4 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
 
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.
 extern "C" const char* cbf_cpu_linear_isa() { return isa(); }
+extern "C" int cbf_attention_int8_fast() { return attention_int8_fast() ? 1 : 0; }

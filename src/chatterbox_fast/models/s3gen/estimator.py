@@ -200,9 +200,14 @@ class Attention(nn.Module):
         return self.attend_qkv(q, k, v, attn_bias)
 
     def attend_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   attn_bias: torch.Tensor | None) -> torch.Tensor:
-        """q, k, v (B, T, H, hd) views with a contiguous last dim -> (B, T, H*hd)."""
+                   attn_bias: torch.Tensor | None, int8_scores: bool = False) -> torch.Tensor:
+        """q, k, v (B, T, H, hd) views with a contiguous last dim -> (B, T, H*hd). `int8_scores` (the opt-in
+        s3gen_quantize="int8-attn"; CPU, unmasked, AVX512-VNNI kernel loaded): scores from int8 dot products."""
         b, t = q.shape[:2]
+        if int8_scores and attn_bias is None and _cpu_full_attention(q, self.head_dim) \
+                and cpu_kernels.int8_attention_ready():
+            y = torch.ops.chatterbox_fast.full_attention_int8qk(q, k, v, 1.0 / math.sqrt(self.head_dim))
+            return y.view(b, t, self.heads * self.head_dim)
         if attn_bias is None and _cpu_full_attention(q, self.head_dim):
             # our CPU kernel (kernels/cpu_linear.cpp) reads the (B, T, H, hd) views directly and writes (B, T, H, hd)
             y = torch.ops.chatterbox_fast.full_attention(q, k, v, 1.0 / math.sqrt(self.head_dim))
@@ -252,6 +257,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult)
         self.int8: nn.ModuleDict | None = None
+        self.int8_attention = False  # with int8: attention scores from int8 dot products ("int8-attn")
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), attn_bias)
@@ -278,7 +284,7 @@ class BasicTransformerBlock(nn.Module):
         a, q8 = self.attn1, self.int8
         y = x.view(-1, c)  # (B*T, C)
         qkv = q8["qkv"](self.norm1(y)).view(b, t, 3, a.heads, a.head_dim)  # (B, T, 3, H, hd)
-        o = a.attend_qkv(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], attn_bias)  # (B, T, H*hd)
+        o = a.attend_qkv(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], attn_bias, self.int8_attention)  # (B, T, H*hd)
         q8["out"].forward_acc_(y, o.reshape(b * t, -1))
         h = q8["ff1"](self.norm3(y))  # (B*T, ff inner)
         q8["ff2"].forward_acc_(y, torch.ops.aten.gelu_(h))
