@@ -220,7 +220,8 @@ class OptimizedChatterboxTTS:
             # the float weights being replaced are our private memory-mapped checkpoint tensors: drop their pages
             quantize_t3(parts.t3, quantize, release=release_file_pages if dev.type == "cpu" else None)
         # tap-major causal convs and one q/k/v GEMM per attention (same values; the int8 mode has its own q/k/v)
-        for est in [m for m in parts.s3gen.modules() if isinstance(m, ConditionalDecoder)]:
+        estimators = [] if parts.s3gen is None else [m for m in parts.s3gen.modules() if isinstance(m, ConditionalDecoder)]
+        for est in estimators:
             for t in est.inference_layout_(fuse_qkv=s3gen_quantize is None):
                 if dev.type == "cpu":
                     release_file_pages(t)  # the replaced checkpoint tensors: drop their memory-mapped pages
