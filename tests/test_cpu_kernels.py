@@ -290,7 +290,7 @@ def test_a_failed_build_warns_once_and_returns_false(tmp_path):
 
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
-def test_other_isa_builds_match_fp64(isa):
+def test_other_isa_builds_match_fp64(isa, tmp_path):
     """The AVX2 (most AMD / older Intel CPUs) and portable builds, each in its own process (one op library per
     process). Both run on this machine (it has AVX-512, hence AVX2)."""
     if isa == "avx2" and not torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX2", "AVX512")):
@@ -331,8 +331,18 @@ def test_other_isa_builds_match_fp64(isa):
             want = acc.double() * s.double()[:, None] * sw.double() + b.double()
             assert torch.allclose(torch.ops.chatterbox_fast.dequant_rows(acc, s, sw, b).double(), want,
                                   rtol=1e-6, atol=1e-6), (isa, k)
-    """ % isa
+        assert not kernels.int8_attention_ready()  # the VNNI tiles are AVX-512 builds only
+        x = torch.randn(2, 37, 3, 2, 64, generator=torch.Generator().manual_seed(7))
+        torch.save(torch.ops.chatterbox_fast.full_attention_int8(x[:, :, 0], x[:, :, 1], x[:, :, 2], 0.125),
+                   r"%s")
+    """ % (isa, tmp_path / "int8_attention.pt")
     env = dict(os.environ, CHATTERBOX_FAST_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, timeout=600, capture_output=True,
                          text=True)
     assert res.returncode == 0, res.stderr[-3000:]
+    # the int8 attention's portable loop in that build: the same integer sums, exp2 and epilogues as this process's
+    # build (VNNI tiles or portable), so bit-identical
+    if kernels.load():
+        x = torch.randn(2, 37, 3, 2, 64, generator=torch.Generator().manual_seed(7))
+        here = torch.ops.chatterbox_fast.full_attention_int8(x[:, :, 0], x[:, :, 1], x[:, :, 2], 0.125)
+        assert torch.equal(torch.load(tmp_path / "int8_attention.pt"), here)

@@ -237,60 +237,99 @@ def test_engine_s3gen_quantize_option(monkeypatch, tmp_path):
         engine.OptimizedChatterboxTTS.from_local(tmp_path, device="meta", s3gen_quantize="int8")
 
 
-# ---- "int8-attn": attention scores from int8 dot products (chatterbox_fast::full_attention_int8qk) ----------------
-def _ref_int8qk_attention(q, k, v, scale):
-    """PyTorch statement of the op: keys centred over T, per-key and per-row (pre-scaled) query int8, exact integer
-    scores times the two scales, base-2 softmax, fp32 P V. q, k, v (B, T, H, D) -> (B, T, H, D)."""
-    qs = q.permute(0, 2, 1, 3).float() * (scale * 1.4426950408889634)  # (B, H, T, D)
-    kc = k.permute(0, 2, 1, 3).float()
-    kc = kc - kc.mean(dim=2, keepdim=True)
+# ---- "int8-attn": attention on int8 dot products (chatterbox_fast::full_attention_int8) -------------------------
+_EXP2_C = (1.5403530393381606e-4, 1.3333558146428443e-3, 9.6181291076284772e-3, 5.5504108664821580e-2,
+           2.4022650695910071e-1, 6.9314718055994531e-1, 1.0)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32)
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fused multiply-add: exact in float64, one rounding to fp32."""
+    return _f32(a.double() * b.double() + c.double())
+
+
+def _exp2_poly(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' 2^x (x <= 0): clamp, round to nearest, degree-6 FMA chain, exact power-of-two scaling."""
+    x = x.clamp(min=-150.0)
+    n = torch.round(x)
+    f = x - n
+    p = torch.full_like(x, _EXP2_C[0])
+    for c in _EXP2_C[1:]:
+        p = _fma(p, f, torch.full_like(x, c))
+    return torch.ldexp(p, n)
+
+
+def _seq_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over dim -2 summed in sequence order in fp32, as the kernel does: (..., T, D) -> (..., 1, D)."""
+    acc = torch.zeros_like(x[..., :1, :])
+    for t in range(x.shape[-2]):
+        acc = acc + x[..., t:t + 1, :]
+    return acc / x.shape[-2]
+
+
+def _ref_int8_attention(q, k, v, scale):
+    """PyTorch statement of the op, to the rounding: keys and values centred over T, per-key / per-query / per-value-
+    channel int8, exact integer scores, base-2 softmax rounded to u8 levels (their integer sum normalises), exact
+    integer P V. q, k, v (B, T, H, D) -> (B, T, H, D)."""
+    qs = q.permute(0, 2, 1, 3).float() * torch.tensor(scale * 1.4426950408889634, dtype=torch.float32)
+    kk, vv = k.permute(0, 2, 1, 3).float(), v.permute(0, 2, 1, 3).float()  # (B, H, T, D)
     b, h, t, d = qs.shape
     q8, sq = _ref_quantize_rows(qs.reshape(-1, d))
-    k8, sk = _ref_quantize_rows(kc.reshape(-1, d))
+    k8, sk = _ref_quantize_rows((kk - _seq_mean(kk)).reshape(-1, d))
     q8, k8 = q8.view(b, h, t, d).double(), k8.view(b, h, t, d).double()
-    s = (q8 @ k8.transpose(-1, -2)) * sk.view(b, h, 1, t).double() * sq.view(b, h, t, 1).double()
-    p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
-    o = (p / p.sum(dim=-1, keepdim=True)) @ v.permute(0, 2, 1, 3).double()
-    return o.permute(0, 2, 1, 3).float()
+    s = _f32(q8 @ k8.transpose(-1, -2)) * sk.view(b, h, 1, t) * sq.view(b, h, t, 1)
+    p8 = torch.round(_exp2_poly(s - s.amax(dim=-1, keepdim=True)) * 255.0)
+    linv = 1.0 / p8.sum(dim=-1, keepdim=True)  # (B, H, T, 1), exact integer sums
+    vm = _seq_mean(vv)
+    vc = vv - vm
+    amax = vc.abs().amax(dim=-2, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    v8 = torch.round(vc * inv).clamp(-127, 127)
+    acc = _f32(p8.double() @ v8.double())
+    o = _fma(acc * (amax / 127.0), linv.expand_as(acc), vm.expand_as(acc))
+    return o.permute(0, 2, 1, 3)
 
 
 def _qkv(t: int, heads: int, d: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, t, 3, heads, d, generator=g)
-    x[:, :, 1] += 3.0 * torch.randn(heads, d, generator=g)  # a common key offset: the centring must absorb it
+    x[:, :, 1:] += 3.0 * torch.randn(2, heads, d, generator=g)  # common key and value offsets: centred away
     return x[:, :, 0], x[:, :, 1], x[:, :, 2]  # strided (B, T, H, D) views, as the estimator passes them
 
 
 @pytest.mark.parametrize("t", [1, 31, 33, 77])
 @pytest.mark.parametrize("d", [16, 64])
-def test_int8qk_attention_matches_its_definition(t, d):
+def test_int8_attention_matches_its_definition(t, d):
     if not cpu_kernels.load():
         pytest.skip(f"CPU kernels unavailable: {cpu_kernels.error()}")
     q, k, v = _qkv(t, 2, d)
-    want = _ref_int8qk_attention(q, k, v, d ** -0.5)
+    want = _ref_int8_attention(q, k, v, d ** -0.5)
     exact = F.scaled_dot_product_attention(*(z.transpose(1, 2) for z in (q, k, v))).transpose(1, 2)
     paths = [True] + ([False] if d == 64 and cpu_kernels.int8_attention_ready() else [])
-    outs = [torch.ops.chatterbox_fast.full_attention_int8qk(q, k, v, d ** -0.5, portable) for portable in paths]
+    outs = [torch.ops.chatterbox_fast.full_attention_int8(q, k, v, d ** -0.5, portable) for portable in paths]
     for y in outs:
         assert y.shape == q.shape and y.is_contiguous()
-        torch.testing.assert_close(y, want, rtol=0, atol=2e-5)  # only float summation order differs
-        if t > 1:  # the int8 scores really change the output, within a few per cent
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-6)  # the same roundings: equal to ~1 ulp
+        if t > 1:  # the int8 attention really changes the output, within a few per cent
             assert 1e-4 < _rel_rms(y, exact) < 0.03
-    if len(outs) == 2:  # the VNNI tiles and the portable loop: the same integer sums, the same epilogue
-        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=2e-6)
+    if len(outs) == 2:  # the VNNI tiles and the portable loop: the same integer sums, exp2 and epilogues
+        assert torch.equal(outs[0], outs[1])
 
 
-def test_int8qk_attention_bad_input():
+def test_int8_attention_bad_input():
     if not cpu_kernels.load():
         pytest.skip(f"CPU kernels unavailable: {cpu_kernels.error()}")
     q, k, v = _qkv(8, 2, 64)
-    with pytest.raises(RuntimeError, match="full_attention_int8qk: q, k and v must be"):
-        torch.ops.chatterbox_fast.full_attention_int8qk(q.double(), k, v, 0.125)
+    with pytest.raises(RuntimeError, match="full_attention_int8: q, k and v must be"):
+        torch.ops.chatterbox_fast.full_attention_int8(q.double(), k, v, 0.125)
     with pytest.raises(RuntimeError, match="same shape"):
-        torch.ops.chatterbox_fast.full_attention_int8qk(q, k[:, :4], v, 0.125)
+        torch.ops.chatterbox_fast.full_attention_int8(q, k[:, :4], v, 0.125)
     with pytest.raises(RuntimeError, match="head size"):
         big = torch.randn(1, 2, 1, 2048)
-        torch.ops.chatterbox_fast.full_attention_int8qk(big, big, big, 0.1)
+        torch.ops.chatterbox_fast.full_attention_int8(big, big, big, 0.1)
 
 
 def test_quantize_s3gen_int8_attn_mode(monkeypatch):

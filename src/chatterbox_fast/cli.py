@@ -40,7 +40,7 @@ def _speak_parser(sub) -> None:
                    "(faster decode; drift vs fp32 in BENCHMARKS.md)")
     p.add_argument("--s3gen-quantize", choices=["int8", "int8-attn"], help="CPU: int8 GEMMs in S3Gen's flow "
                    "estimator (faster flow; changes the audio, drift in BENCHMARKS.md); int8-attn also int8 attention "
-                   "scores (AVX512-VNNI CPUs)")
+                   "(AVX512-VNNI CPUs)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step and the flow estimator "
                    "eagerly instead of replaying CUDA graphs")
     p.add_argument("--cfm-steps", type=int, help="S3Gen flow-matching steps (default 10 = the reference's, exact); "

@@ -188,7 +188,7 @@ class OptimizedChatterboxTTS:
         launch overhead; generation/cuda_graph.py). False runs them eagerly.
         s3gen_quantize="int8" (CPU only, opt-in, CHANGES THE OUTPUT): int8 GEMMs (int8 weights and per-row int8
         activations) for the transformer linears of S3Gen's flow estimator (quantize.quantize_s3gen; speed and the
-        mel's drift in BENCHMARKS.md). s3gen_quantize="int8-attn" adds attention scores from int8 dot products
+        mel's drift in BENCHMARKS.md). s3gen_quantize="int8-attn" also runs the estimator's attention on int8 dot products
         (AVX512-VNNI CPUs only; a ValueError elsewhere)."""
         from .quantize import (check_int8_attention_supported, check_quantize_mode, check_s3gen_quantize_mode,
                                quantize_s3gen, quantize_t3)

@@ -288,9 +288,9 @@ def quantize_s3gen(s3gen: nn.Module, mode: str = "int8", release=None) -> nn.Mod
     which its in-place inference forward then uses on a CPU. Those linears are ~57 % of the estimator's FLOPs; the
     rest (attention, convolutions, norms) stays fp32. This CHANGES THE OUTPUT (drift measured in BENCHMARKS.md).
 
-    mode "int8-attn" also computes the attention scores from int8 dot products
-    (`chatterbox_fast::full_attention_int8qk`: keys centred, per-key and per-query int8 scales; softmax and P V stay
-    fp32); AVX512-VNNI CPUs only (ValueError elsewhere). Converting an "int8" model to "int8-attn" (or back) only
+    mode "int8-attn" also runs the attention on int8 dot products (`chatterbox_fast::full_attention_int8`: int8
+    queries and centred keys for the scores, fp32 softmax rounded to u8 probability levels, centred int8 values for
+    P V); AVX512-VNNI CPUs only (ValueError elsewhere). Converting an "int8" model to "int8-attn" (or back) only
     switches the attention.
 
     `s3gen`: an S3Gen or anything holding the estimator's BasicTransformerBlocks; in place; returns it. Converting

@@ -18,10 +18,11 @@ Both accumulate in fp32 over fp32 activations: the only rounding is the stored w
 - `torch.ops.chatterbox_fast.full_attention(q, k, v (B, T, H, D), scale) -> (B, T, H, D)` contiguous: unmasked
   softmax(q k^T * scale) v per (batch, head), fp32, on (B, T, H, D) views with a contiguous last dim (no transposes);
   the estimator's attention (register-tiled AVX-512 / AVX2 paths for D = 64, a plain loop otherwise).
-- `torch.ops.chatterbox_fast.full_attention_int8qk(q, k, v, scale, force_portable=False)`: the same with the scores
-  from int8 dot products (keys centred over the sequence, per-key and per-query int8 scales; the opt-in
-  `s3gen_quantize="int8-attn"`): AVX512-VNNI tiles for D = 64 on a VNNI CPU (`int8_attention_ready()`), else a
-  portable loop with the same integer sums (slow: tests only).
+- `torch.ops.chatterbox_fast.full_attention_int8(q, k, v, scale, force_portable=False)`: the same on int8 dot
+  products (the opt-in `s3gen_quantize="int8-attn"`): scores from centred int8 keys and int8 queries (per-row
+  scales), fp32 softmax rounded to u8 probability levels, P V against centred per-channel int8 values, both integer
+  sums exact; AVX512-VNNI tiles for D = 64 on a VNNI CPU (`int8_attention_ready()`), else a portable loop with the
+  same arithmetic (bit-identical, slow: tests only).
 - `torch.ops.chatterbox_fast.quantize_rows(x (M, K) f32) -> (q (M, K) int8, s (M,) f32)`: per-row symmetric int8
   (q = round(x * 127 / max|x_m|), s = max|x_m| / 127); `dequant_rows(acc (M, N) int32, sx (M,), sw (N,), bias?)
   -> (M, N) f32` = acc * sx[m] * sw[n] + bias[n], and `dequant_rows_acc_(y, ...)` adding that into y in place: the
@@ -147,8 +148,8 @@ def _register_fakes() -> None:
     def _full_attention_fake(q, k, v, scale):
         return q.new_empty(q.shape)  # contiguous (B, T, H, D)
 
-    @torch.library.register_fake("chatterbox_fast::full_attention_int8qk")
-    def _full_attention_int8qk_fake(q, k, v, scale, force_portable=False):
+    @torch.library.register_fake("chatterbox_fast::full_attention_int8")
+    def _full_attention_int8_fake(q, k, v, scale, force_portable=False):
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("chatterbox_fast::quantize_rows")
@@ -186,7 +187,7 @@ def load() -> bool:
             logger.warning("chatterbox_fast CPU kernels unavailable, using the PyTorch fallback (%s)",
                            _state["error"].splitlines()[0])
             return False
-        try:  # whether full_attention_int8qk's AVX512-VNNI path applies (AVX-512 build on a VNNI CPU)
+        try:  # whether full_attention_int8's AVX512-VNNI path applies (AVX-512 build on a VNNI CPU)
             int8_attn = bool(ctypes.CDLL(str(path)).cbf_attention_int8_fast())
         except (OSError, AttributeError):
             int8_attn = False
@@ -213,7 +214,7 @@ def full_attention_ready() -> bool:
 
 
 def int8_attention_ready() -> bool:
-    """True when `chatterbox_fast::full_attention_int8qk` runs its fast path (AVX-512 build on a CPU with
+    """True when `chatterbox_fast::full_attention_int8` runs its fast path (AVX-512 build on a CPU with
     AVX512-VNNI); elsewhere the op runs a portable loop that is much slower than fp32 attention."""
     return _state["ok"] and bool(_state.get("int8_attn"))
 

@@ -594,26 +594,64 @@ void dequant_row(const int32_t* __restrict acc, float sx, const float* __restric
 }
 }  // namespace w8a8
 
-// ---- S3Gen estimator attention with int8 Q K^T scores (opt-in: s3gen_quantize="int8-attn") ----
-// Keys minus their mean over the sequence (a per-query constant shift of the scores, which softmax ignores; it
-// centres the key channels so the int8 range is not spent on a common offset), each key and each pre-scaled query
+// ---- S3Gen estimator attention on int8 dot products (opt-in: s3gen_quantize="int8-attn") ----
+// Scores: the keys minus their mean over the sequence (a per-query constant shift of the scores, which softmax
+// ignores; it centres the channels so no int8 range is spent on a common offset), each key and each pre-scaled query
 // row quantised to int8 with its own scale (w8a8::quantize_row); S[i][t] = float(q8_i . k8_t) * sk[t] * sq[i] with
-// the integer dot product exact, then the fp32 softmax and P V of full_attention. AVX-512 VNNI (vpdpbusd, u8 x s8:
-// the queries are stored + 128 and the 128 * sum(k8_t) that adds is the accumulators' start value); a portable
-// loop with the same integer sums and the same fp32 epilogue everywhere else (for tests: slow).
+// the integer dot product exact. Softmax in fp32 (base 2), then the probabilities p = 2^(S - max) in (0, 1] are
+// rounded to u8 levels p8 = round(255 p) and the row's normaliser is their exact integer sum l. Values: centred per
+// channel (out = sum p8 (v - vm) / l + vm, an identity when the same p8 make both sums) and quantised to int8 with one
+// scale per channel; out[i][d] = float(sum_t p8[t] v8[t][d]) * sv[d] / l + vm[d], exact integer sums again.
+// AVX-512 VNNI (vpdpbusd, u8 x s8: queries are stored + 128, and the 128 * sum(k8_t) that adds is the accumulators'
+// start value; p8 is already u8) when the CPU has it; a portable loop with the same integer sums, the same exp2
+// polynomial and the same fp32 epilogues everywhere else (bit-identical; slow, for tests).
 namespace fq8 {
 constexpr int D = 64;
 
-struct Keys {  // one head: int8 keys (T x D), per-key scale, per-key sum of the int8 values
-  std::vector<int8_t> k8;
-  std::vector<float> sk;
-  std::vector<int32_t> ks;
+// 2^x for x <= 0 lane for lane as dec::exp2_ps (same clamp, rounding, FMA chain and exact power-of-two scaling)
+inline float exp2_poly(float x) {
+  x = std::max(x, -150.f);
+  const float n = std::nearbyint(x);
+  const float f = x - n;
+  float p = 1.5403530393381606e-4f;
+  p = std::fma(p, f, 1.3333558146428443e-3f);
+  p = std::fma(p, f, 9.6181291076284772e-3f);
+  p = std::fma(p, f, 5.5504108664821580e-2f);
+  p = std::fma(p, f, 2.4022650695910071e-1f);
+  p = std::fma(p, f, 6.9314718055994531e-1f);
+  p = std::fma(p, f, 1.f);
+  return std::ldexp(p, static_cast<int>(n));
+}
+
+// q[d] = round((x[d] - m[d]) * inv[d]) clamped to +-127 (nearest even, as w8a8::quantize_row)
+inline void quantize_centred(const float* x, const float* m, const float* inv, int64_t n, int8_t* q) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (; d + 16 <= n; d += 16) {
+    const __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(m + d)), _mm512_loadu_ps(inv + d));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + d),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(y, lo), hi))));
+  }
+#endif
+  for (; d < n; ++d) q[d] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint((x[d] - m[d]) * inv[d]))));
+}
+
+struct Quantized {  // one head
+  std::vector<int8_t> k8;  // T x Dh, centred keys
+  std::vector<float> sk;   // T
+  std::vector<int32_t> ks; // T: sum_d k8[t][d]
+  std::vector<int8_t> v8;  // T x Dh, centred values
+  std::vector<float> sv;   // Dh: per-channel value scale
+  std::vector<float> vm;   // Dh: per-channel value mean
 };
 
-void quantize_keys(const full::Head& h, int64_t T, int64_t Dh, Keys& out) {
+void quantize_head(const full::Head& h, int64_t T, int64_t Dh, Quantized& out) {
   std::vector<float> mean(static_cast<size_t>(Dh), 0.f), row(static_cast<size_t>(Dh));
-  for (int64_t t = 0; t < T; ++t)
+  for (int64_t t = 0; t < T; ++t) {  // first touch of the strided key rows: prefetch ahead (latency-bound otherwise)
+    if (t + 8 < T) full::prefetch_row(h.k + (t + 8) * h.ldk);
     for (int64_t d = 0; d < Dh; ++d) mean[d] += h.k[t * h.ldk + d];
+  }
   for (int64_t d = 0; d < Dh; ++d) mean[d] /= static_cast<float>(T);
   out.k8.assign(static_cast<size_t>(T * Dh), 0);
   out.sk.assign(static_cast<size_t>(T), 0.f);
@@ -626,6 +664,22 @@ void quantize_keys(const full::Head& h, int64_t T, int64_t Dh, Keys& out) {
     for (int64_t d = 0; d < Dh; ++d) sum += k8[d];
     out.ks[t] = sum;
   }
+  out.vm.assign(static_cast<size_t>(Dh), 0.f);
+  out.sv.assign(static_cast<size_t>(Dh), 0.f);
+  std::vector<float> amax(static_cast<size_t>(Dh), 0.f), inv(static_cast<size_t>(Dh));
+  for (int64_t t = 0; t < T; ++t) {
+    if (t + 8 < T) full::prefetch_row(h.v + (t + 8) * h.ldv);
+    for (int64_t d = 0; d < Dh; ++d) out.vm[d] += h.v[t * h.ldv + d];
+  }
+  for (int64_t d = 0; d < Dh; ++d) out.vm[d] /= static_cast<float>(T);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < Dh; ++d) amax[d] = std::max(amax[d], std::fabs(h.v[t * h.ldv + d] - out.vm[d]));
+  for (int64_t d = 0; d < Dh; ++d) {
+    inv[d] = amax[d] > 0.f ? 127.f / amax[d] : 0.f;
+    out.sv[d] = amax[d] / 127.f;
+  }
+  out.v8.assign(static_cast<size_t>(T * Dh), 0);
+  for (int64_t t = 0; t < T; ++t) quantize_centred(h.v + t * h.ldv, out.vm.data(), inv.data(), Dh, out.v8.data() + t * Dh);
 }
 
 // qscale * q row -> int8 row + scale
@@ -634,35 +688,38 @@ inline void quantize_query(const float* q, int64_t Dh, float qscale, float* tmp,
   w8a8::quantize_row(tmp, Dh, q8, sq);
 }
 
-// Portable: one query row at a time, exact int32 dot products, the epilogue and softmax in the order of the VNNI path.
+// Portable: one query row at a time; the integer sums, exp2 and epilogues of the VNNI path.
 void attend_head_portable(const full::Head& h, int64_t T, int64_t Dh, float qscale) {
-  Keys keys;
-  quantize_keys(h, T, Dh, keys);
-  std::vector<float> sc(static_cast<size_t>(T)), acc(static_cast<size_t>(Dh)), tmp(static_cast<size_t>(Dh));
+  Quantized qh;
+  quantize_head(h, T, Dh, qh);
+  std::vector<float> sc(static_cast<size_t>(T)), tmp(static_cast<size_t>(Dh));
+  std::vector<int32_t> p8(static_cast<size_t>(T));
   std::vector<int8_t> q8(static_cast<size_t>(Dh));
   for (int64_t i = 0; i < T; ++i) {
     float sq = 0.f;
     quantize_query(h.q + i * h.ldq, Dh, qscale, tmp.data(), q8.data(), &sq);
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < T; ++t) {
-      const int8_t* k8 = keys.k8.data() + t * Dh;
+      const int8_t* k8 = qh.k8.data() + t * Dh;
       int32_t a = 0;
       for (int64_t d = 0; d < Dh; ++d) a += static_cast<int32_t>(q8[d]) * k8[d];
-      sc[t] = static_cast<float>(a) * keys.sk[t] * sq;
+      sc[t] = static_cast<float>(a) * qh.sk[t] * sq;
       mx = std::max(mx, sc[t]);
     }
-    float sum = 0.f;
-    for (int64_t t = 0; t < T; ++t) sum += (sc[t] = std::exp2(sc[t] - mx));
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t d = 0; d < Dh; ++d) acc[d] += sc[t] * h.v[t * h.ldv + d];
-    for (int64_t d = 0; d < Dh; ++d) h.out[i * h.ldo + d] = acc[d] / sum;
+    int32_t l = 0;
+    for (int64_t t = 0; t < T; ++t) l += (p8[t] = static_cast<int32_t>(std::nearbyint(exp2_poly(sc[t] - mx) * 255.f)));
+    const float linv = 1.f / static_cast<float>(l);  // l >= 255: the maximum's own level
+    for (int64_t d = 0; d < Dh; ++d) {
+      int32_t a = 0;
+      for (int64_t t = 0; t < T; ++t) a += p8[t] * qh.v8[t * Dh + d];
+      h.out[i * h.ldo + d] = std::fma(static_cast<float>(a) * qh.sv[d], linv, qh.vm[d]);
+    }
   }
 }
 
 #if defined(__AVX512F__) && defined(__GNUC__)
 #define CBF_HAVE_VNNI_PATH 1
-constexpr int QR = 12, KW = 32, MB = 48;  // query rows per tile, keys per panel (2 x 16 lanes), rows per block
+constexpr int QR = 12, KW = 32, MB = 48, PQ = 6;  // Q K^T tile rows, keys per panel, rows per block, P V tile rows
 
 bool cpu_has_vnni() {
   __builtin_cpu_init();
@@ -677,11 +734,17 @@ inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
   return acc;
 }
 
+inline __m512i bcast4(const uint8_t* p) {  // 4 bytes as one broadcast 32-bit word
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return _mm512_set1_epi32(w);
+}
+
 // S[r][0..32) for r < QR: int32 accumulators start at -128 ks[t], add (q8 + 128) . k8 over 16 groups of 4 channels
 // (kp: the panel, 16 groups x 2 halves x 16 keys x 4 bytes), then float(acc) * sk[t] * sq[r]; rmax[r] tracks maxima.
 __attribute__((target("avx512f,avx512vnni")))
-inline void qk_tile_vnni(const uint8_t* qu, const int8_t* kp, const int32_t* ks, const float* sk, const float* sq,
-                         float* s, int64_t lds, __m512* rmax) {
+inline void qk_tile(const uint8_t* qu, const int8_t* kp, const int32_t* ks, const float* sk, const float* sq,
+                    float* s, int64_t lds, __m512* rmax) {
   const __m512i c0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_loadu_si512(ks), 7));
   const __m512i c1 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_loadu_si512(ks + 16), 7));
   __m512i acc[QR][2];
@@ -692,9 +755,7 @@ inline void qk_tile_vnni(const uint8_t* qu, const int8_t* kp, const int32_t* ks,
   for (int g = 0; g < D / 4; ++g) {
     const __m512i b0 = _mm512_loadu_si512(kp + g * 128), b1 = _mm512_loadu_si512(kp + g * 128 + 64);
     for (int r = 0; r < QR; ++r) {
-      int32_t w;
-      std::memcpy(&w, qu + r * D + 4 * g, 4);
-      const __m512i a = _mm512_set1_epi32(w);
+      const __m512i a = bcast4(qu + r * D + 4 * g);
       acc[r][0] = dpbusd(acc[r][0], a, b0);
       acc[r][1] = dpbusd(acc[r][1], a, b1);
     }
@@ -710,32 +771,91 @@ inline void qk_tile_vnni(const uint8_t* qu, const int8_t* kp, const int32_t* ks,
   }
 }
 
+// p8[t] = round(255 * 2^(s[t] - mx)) for t < T (u8); returns their sum
+inline int32_t softmax_row_u8(const float* sr, int64_t T, float mx, uint8_t* p8) {
+  const __m512 mv = _mm512_set1_ps(mx), k255 = _mm512_set1_ps(255.f);
+  __m512i sum = _mm512_setzero_si512();
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16) {
+    const __m512 e = dec::exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + t), mv));
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(e, k255));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p8 + t), _mm512_cvtusepi32_epi8(q));
+    sum = _mm512_add_epi32(sum, q);
+  }
+  for (; t < T; t += 16) {
+    const __mmask16 m = full::Isa::mask(T - t);
+    const __m512 e = dec::exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sr + t), mv));
+    const __m512i q = _mm512_maskz_cvtps_epi32(m, _mm512_mul_ps(e, k255));
+    _mm_mask_storeu_epi8(p8 + t, m, _mm512_cvtusepi32_epi8(q));
+    sum = _mm512_add_epi32(sum, q);
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+
+// out[r][0..64) = float(sum_t p8[r][t] v8[t][..]) * sv * linv[r] + vm for r < rows (of PQ); vp: groups of 4 keys x
+// 64 channels x 4 bytes; p8 rows of ldp bytes, zero past the keys
+__attribute__((target("avx512f,avx512vnni")))
+inline void pv_tile(const uint8_t* p8, int64_t ldp, const int8_t* vp, int64_t groups, const float* sv,
+                    const float* vm, const float* linv, float* out, int64_t ldo, int rows) {
+  __m512i acc[PQ][4];
+  for (int r = 0; r < PQ; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* vg = vp + g * 256;
+    const __m512i b0 = _mm512_loadu_si512(vg), b1 = _mm512_loadu_si512(vg + 64),
+                  b2 = _mm512_loadu_si512(vg + 128), b3 = _mm512_loadu_si512(vg + 192);
+    for (int r = 0; r < PQ; ++r) {
+      const __m512i a = bcast4(p8 + r * ldp + 4 * g);
+      acc[r][0] = dpbusd(acc[r][0], a, b0);
+      acc[r][1] = dpbusd(acc[r][1], a, b1);
+      acc[r][2] = dpbusd(acc[r][2], a, b2);
+      acc[r][3] = dpbusd(acc[r][3], a, b3);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const __m512 li = _mm512_set1_ps(linv[r]);
+    for (int j = 0; j < 4; ++j)
+      _mm512_storeu_ps(out + r * ldo + 16 * j,
+                       _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), _mm512_loadu_ps(sv + 16 * j)),
+                                       li, _mm512_loadu_ps(vm + 16 * j)));
+  }
+}
+
 __attribute__((target("avx512f,avx512vnni")))
 void attend_head_vnni(const full::Head& h, int64_t T, float qscale) {
-  using full::Isa;
-  thread_local full::Buf bs, bo, bv;
-  thread_local std::vector<int8_t> kp;
+  thread_local full::Buf bs;
+  thread_local std::vector<int8_t> kp, vp;
   thread_local std::vector<int32_t> ksp;
   thread_local std::vector<float> skp;
-  Keys keys;
-  quantize_keys(h, T, D, keys);
-  const int64_t Tp = (T + KW - 1) / KW * KW;
-  kp.assign(static_cast<size_t>(Tp * D), 0);  // panels of KW keys: [group][half][lane][4 channels]
+  thread_local std::vector<uint8_t> p8;
+  Quantized qh;
+  quantize_head(h, T, D, qh);
+  const int64_t Tp = (T + KW - 1) / KW * KW, T4 = (T + 3) / 4 * 4;
+  // (thread_local vectors: their pointers are taken once; a byte store may alias them, and every reload of a
+  // thread_local in a shared library is a __tls_get_addr call: measured 2.6 ms per call for the packing below)
+  kp.assign(static_cast<size_t>(Tp * D), 0);  // key panels of KW: [group of 4 channels][half][lane][4 channels]
+  vp.assign(static_cast<size_t>(T4 * D), 0);  // value groups of 4 keys: [channel chunk of 16][lane][4 keys]
   ksp.assign(static_cast<size_t>(Tp), 0);
   skp.assign(static_cast<size_t>(Tp), 0.f);
+  p8.assign(static_cast<size_t>(MB * T4), 0);  // rows past the block's and bytes past T stay 0
+  int8_t* const kpp = kp.data();
+  int8_t* const vpp = vp.data();
+  int32_t* const ks = ksp.data();
+  float* const sk = skp.data();
+  uint8_t* const pp = p8.data();
+  const int8_t* const k8 = qh.k8.data();
+  const int8_t* const v8 = qh.v8.data();
   for (int64_t t = 0; t < T; ++t) {
-    int8_t* panel = kp.data() + (t / KW) * (KW * D);
+    int8_t* panel = kpp + (t / KW) * (KW * D);
     const int64_t half = (t % KW) / 16, lane = t % 16;
-    for (int g = 0; g < D / 4; ++g)
-      std::memcpy(panel + g * 128 + half * 64 + lane * 4, keys.k8.data() + t * D + 4 * g, 4);
-    ksp[t] = keys.ks[t];
-    skp[t] = keys.sk[t];
+    for (int g = 0; g < D / 4; ++g) std::memcpy(panel + g * 128 + half * 64 + lane * 4, k8 + t * D + 4 * g, 4);
+    ks[t] = qh.ks[t];
+    sk[t] = qh.sk[t];
+    int8_t* vg = vpp + (t / 4) * (4 * D) + t % 4;
+    for (int d = 0; d < D; ++d) vg[4 * d] = v8[t * D + d];
   }
-  float* vv = bv.get(T * D);
-  for (int64_t t = 0; t < T; ++t) std::memcpy(vv + t * D, h.v + t * h.ldv, D * sizeof(float));
   const int64_t lds = Tp + 16;
   float* s = bs.get(MB * lds);
-  float* o = bo.get(MB * D);
   alignas(64) uint8_t qu[MB * D];
   alignas(64) int8_t q8[D];
   alignas(64) float tmp[D];
@@ -745,7 +865,7 @@ void attend_head_vnni(const full::Head& h, int64_t T, float qscale) {
   const int64_t Tfull = T / KW * KW;
   for (int64_t m0 = 0; m0 < T; m0 += MB) {
     const int rows = static_cast<int>(std::min<int64_t>(MB, T - m0));
-    const int rq = (rows + QR - 1) / QR * QR, rp = (rows + full::PR - 1) / full::PR * full::PR;
+    const int rq = (rows + QR - 1) / QR * QR;
     for (int r = 0; r < rq; ++r) {
       if (r < rows) {
         quantize_query(h.q + (m0 + r) * h.ldq, D, qscale, tmp, q8, &sq[r]);
@@ -758,27 +878,20 @@ void attend_head_vnni(const full::Head& h, int64_t T, float qscale) {
     }
     for (int64_t j = 0; j < Tfull; j += KW)
       for (int r = 0; r < rq; r += QR)
-        qk_tile_vnni(qu + r * D, kp.data() + j * D, ksp.data() + j, skp.data() + j, sq + r, s + r * lds + j, lds,
-                     rmax + r);
+        qk_tile(qu + r * D, kpp + j * D, ks + j, sk + j, sq + r, s + r * lds + j, lds, rmax + r);
     if (Tfull < T) {  // last panel: its zero-padded keys must not enter the row maxima
       for (int r = 0; r < rq; r += QR)
-        qk_tile_vnni(qu + r * D, kp.data() + Tfull * D, ksp.data() + Tfull, skp.data() + Tfull, sq + r,
-                     s + r * lds + Tfull, lds, spare);
+        qk_tile(qu + r * D, kpp + Tfull * D, ks + Tfull, sk + Tfull, sq + r, s + r * lds + Tfull, lds, spare);
       for (int r = 0; r < rows; ++r)
         for (int64_t t = Tfull; t < T; ++t) rmax[r] = _mm512_max_ps(rmax[r], _mm512_set1_ps(s[r * lds + t]));
     }
-    for (int r = 0; r < rows; ++r) linv[r] = 1.f / full::softmax_row(s + r * lds, T, _mm512_reduce_max_ps(rmax[r]));
-    for (int r = rows; r < rp; ++r) std::memset(s + r * lds, 0, lds * sizeof(float));  // padded rows of P
-    for (int64_t t0 = 0; t0 < T; t0 += full::TB) {
-      const int n = static_cast<int>(std::min<int64_t>(full::TB, T - t0));
-      for (int r = 0; r < rp; r += full::PR)
-        full::pv_tile(s + r * lds + t0, lds, vv + t0 * D, n, o + r * D, t0 == 0);
-    }
-    for (int r = 0; r < rows; ++r) {
-      const __m512 li = _mm512_set1_ps(linv[r]);
-      float* orow = h.out + (m0 + r) * h.ldo;
-      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), li));
-    }
+    for (int r = 0; r < rows; ++r)
+      linv[r] = 1.f / static_cast<float>(
+                          softmax_row_u8(s + r * lds, T, _mm512_reduce_max_ps(rmax[r]), pp + r * T4));
+    if (rows < MB) std::memset(pp + rows * T4, 0, (MB - rows) * T4);  // the last block's padded rows
+    for (int r = 0; r < rows; r += PQ)
+      pv_tile(pp + r * T4, T4, vpp, T4 / 4, qh.sv.data(), qh.vm.data(), linv + r,
+              h.out + (m0 + r) * h.ldo, h.ldo, std::min(PQ, rows - r));
   }
 }
 #else
@@ -805,11 +918,11 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 }
 
 // force_portable: the portable loop even where the VNNI path applies (tests compare the two)
-at::Tensor full_attention_int8qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+at::Tensor full_attention_int8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                  bool force_portable) {
-  check_qkv(q, k, v, "full_attention_int8qk");
+  check_qkv(q, k, v, "full_attention_int8");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
-  TORCH_CHECK(Dh <= 1040, "full_attention_int8qk: head size ", Dh, " > 1040 (int32 dot products could overflow)");
+  TORCH_CHECK(Dh <= 1040, "full_attention_int8: head size ", Dh, " > 1040 (int32 dot products could overflow)");
   at::Tensor y = at::empty({B, T, H, Dh}, q.options());
   const float qscale = static_cast<float>(scale * 1.4426950408889634);  // base-2 softmax
   const float* qp = q.data_ptr<float>();
@@ -992,7 +1105,7 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale) -> Tensor");
   m.def("full_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
-  m.def("full_attention_int8qk(Tensor q, Tensor k, Tensor v, float scale, bool force_portable=False) -> Tensor");
+  m.def("full_attention_int8(Tensor q, Tensor k, Tensor v, float scale, bool force_portable=False) -> Tensor");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("dequant_rows(Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> Tensor");
   m.def("dequant_rows_acc_(Tensor(a!) y, Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> ()");
@@ -1003,7 +1116,7 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
   m.impl("decode_attention", &decode_attention);
   m.impl("full_attention", &full_attention);
-  m.impl("full_attention_int8qk", &full_attention_int8qk);
+  m.impl("full_attention_int8", &full_attention_int8);
   m.impl("quantize_rows", &quantize_rows);
   m.impl("dequant_rows", &dequant_rows);
   m.impl("dequant_rows_acc_", &dequant_rows_acc_);

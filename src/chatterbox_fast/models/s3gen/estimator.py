@@ -200,13 +200,14 @@ class Attention(nn.Module):
         return self.attend_qkv(q, k, v, attn_bias)
 
     def attend_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   attn_bias: torch.Tensor | None, int8_scores: bool = False) -> torch.Tensor:
-        """q, k, v (B, T, H, hd) views with a contiguous last dim -> (B, T, H*hd). `int8_scores` (the opt-in
-        s3gen_quantize="int8-attn"; CPU, unmasked, AVX512-VNNI kernel loaded): scores from int8 dot products."""
+                   attn_bias: torch.Tensor | None, int8: bool = False) -> torch.Tensor:
+        """q, k, v (B, T, H, hd) views with a contiguous last dim -> (B, T, H*hd). `int8` (the opt-in
+        s3gen_quantize="int8-attn"; CPU, unmasked, AVX512-VNNI kernel loaded): Q K^T and P V as int8 dot products
+        (kernels/cpu_linear.cpp, `full_attention_int8`)."""
         b, t = q.shape[:2]
-        if int8_scores and attn_bias is None and _cpu_full_attention(q, self.head_dim) \
+        if int8 and attn_bias is None and _cpu_full_attention(q, self.head_dim) \
                 and cpu_kernels.int8_attention_ready():
-            y = torch.ops.chatterbox_fast.full_attention_int8qk(q, k, v, 1.0 / math.sqrt(self.head_dim))
+            y = torch.ops.chatterbox_fast.full_attention_int8(q, k, v, 1.0 / math.sqrt(self.head_dim))
             return y.view(b, t, self.heads * self.head_dim)
         if attn_bias is None and _cpu_full_attention(q, self.head_dim):
             # our CPU kernel (kernels/cpu_linear.cpp) reads the (B, T, H, hd) views directly and writes (B, T, H, hd)
@@ -257,7 +258,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult)
         self.int8: nn.ModuleDict | None = None
-        self.int8_attention = False  # with int8: attention scores from int8 dot products ("int8-attn")
+        self.int8_attention = False  # with int8: the attention on int8 dot products ("int8-attn")
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), attn_bias)
