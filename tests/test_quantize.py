@@ -33,9 +33,9 @@ from chatterbox_fast.config import T3Config
 from chatterbox_fast.generation.decode import generate_tokens, kv_bucket, new_state, prefill, step_logits
 from chatterbox_fast.generation.sampling import SamplingParams
 from chatterbox_fast.models.t3 import T3, T3_KEYMAP
-from chatterbox_fast.quantize import (QUANT_MODES, T3_INT8_TARGETS, Bf16Linear, Int8Linear, check_quantize_mode,
-                                      int8_linear_bytes, low_precision_linear_bytes, quantize_t3,
-                                      quantize_weight_int8)
+from chatterbox_fast.quantize import (QUANT_MODES, T3_INT8_TARGETS, T3_LAYER_LINEARS, Bf16Linear, Int8Linear,
+                                      check_quantize_mode, int8_linear_bytes, low_precision_linear_bytes,
+                                      quantize_t3, quantize_weight_int8)
 
 from helpers import skip_unless_compile_works, tiny_t3
 
@@ -166,9 +166,10 @@ def test_int8_linear_rejects_bias():
 def test_quantize_t3_replaces_exactly_the_layer_linears_and_frees_fp32():
     model = _tiny()
     names = [f"tfmr.layers.{i}.{p}" for i in range(model.cfg.n_layers) for p in T3_INT8_TARGETS]
-    refs = [weakref.ref(model.get_submodule(n).weight) for n in names]
+    originals = [f"tfmr.layers.{i}.{p}" for i in range(model.cfg.n_layers) for p in T3_LAYER_LINEARS]
+    refs = [weakref.ref(model.get_submodule(n).weight) for n in originals]
     head = model.speech_head.weight
-    untouched = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names}
+    untouched = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in originals}
     out = quantize_t3(model)
     assert out is model
     got = sorted(n for n, m in model.named_modules() if isinstance(m, Int8Linear))

@@ -57,8 +57,11 @@ from .models.t3 import T3
 
 QUANT_MODES = ("int8", "bf16")
 # the linears of each Llama layer that are quantised (attribute paths under tfmr.layers[i])
-T3_INT8_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# The checkpoint's 7 linears per Llama layer; quantize_t3 first fuses q/k/v and gate/up (T3 Attention.fuse /
+# MLP.fuse: bit-identical with per-output-channel scales), then converts the 4 linears of T3_INT8_TARGETS.
+T3_LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+T3_INT8_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 # Rows (batch x positions) up to which the CPU int8 kernel is used. It is a GEMV-style kernel: at decode's 2 rows it
@@ -326,16 +329,18 @@ def quantize_s3gen(s3gen: nn.Module, mode: str = "int8", release=None) -> nn.Mod
 
 
 def quantize_t3(model: T3, mode: str = "int8", release=None) -> T3:
-    """Replace T3's per-layer Llama linears (T3_INT8_TARGETS) by Int8Linear ("int8") or Bf16Linear ("bf16",
-    weight-only bf16 with fp32 math), in place; returns the model.
+    """Replace T3's per-layer Llama linears by Int8Linear ("int8") or Bf16Linear ("bf16", weight-only bf16 with fp32
+    math), in place; returns the model. q/k/v and gate/up are fused first (one linear each, T3_INT8_TARGETS): the
+    same per-output-channel numbers in fewer, longer weight streams (measured 1.09x on the decode step's int8
+    linears, 2 threads).
 
     Each float weight is dropped as soon as its int8 copy exists (peak extra memory: one layer's temporaries), so
     once nothing else holds the loaded tensors, the resident T3 linear weights are int8 (+ scales). Converting an
     already converted model is a no-op (whatever its format). Call before compiling the decode step or capturing
     CUDA graphs. For a model on the CPU this also builds/loads the C++ kernels (kernels/, cached; ~15 s the first
     time on a machine), so that tracing later never has to.
-    `release`: called with each replaced float weight once its copy exists (the engine passes
-    `memory.release_file_pages`, so a memory-mapped checkpoint's pages do not pile up during the conversion).
+    `release`: called with each replaced checkpoint weight (T3_LAYER_LINEARS) once its copy exists (the engine
+    passes `memory.release_file_pages`, so a memory-mapped checkpoint's pages do not pile up during the conversion).
     """
     if check_quantize_mode(mode) is None:
         raise ValueError(f"quantize_t3 needs a mode from {QUANT_MODES}, got None")
@@ -345,6 +350,16 @@ def quantize_t3(model: T3, mode: str = "int8", release=None) -> T3:
         cpu_kernels.load()
     with torch.no_grad():
         for layer in model.tfmr.layers:
+            for parent, parts in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                                  (layer.mlp, ("gate_proj", "up_proj"))):
+                if not all(isinstance(getattr(parent, n, None), nn.Linear) for n in parts):
+                    continue  # already fused (or converted)
+                originals = [getattr(parent, n).weight for n in parts]
+                parent.fuse()  # one float linear of the concatenated weights; the separate ones are dropped
+                if release is not None:
+                    for w in originals:
+                        release(w)
+                del originals
             for path in T3_INT8_TARGETS:
                 parent_name, name = path.split(".")
                 parent = getattr(layer, parent_name)
@@ -352,7 +367,7 @@ def quantize_t3(model: T3, mode: str = "int8", release=None) -> T3:
                 if not isinstance(lin, nn.Linear):  # already converted (to this or the other format)
                     continue
                 setattr(parent, name, _LINEAR_TYPES[mode].from_linear(lin))
-                if release is not None:
+                if release is not None and name in ("o_proj", "down_proj"):  # the fused ones are our own copies
                     release(lin.weight)
                 del lin
     return model

@@ -87,7 +87,8 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """Replace q/k/v_proj by one (3 inner, D) projection: one GEMM launch instead of three (a runtime
-        transform for the GPU decode step; the module then no longer has the checkpoint's key names)."""
+        transform for the GPU decode step and before quantize_t3; the module then no longer has the checkpoint's
+        key names)."""
         if self.qkv_proj is not None:
             return
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
@@ -191,7 +192,7 @@ class T3(nn.Module):
     def fuse_projections(self) -> None:
         """q/k/v and gate/up as single GEMMs in every layer (fewer kernel launches per decode step; same math, the
         GEMM kernels may round differently). A runtime transform: the model can no longer be saved in the
-        checkpoint's layout. Not combined with int8 quantisation (which replaces the separate projections)."""
+        checkpoint's layout. quantize_t3 fuses the layers itself before converting them."""
         for layer in self.tfmr.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
