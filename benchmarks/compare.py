@@ -23,7 +23,7 @@ run counts. Modes:
   int8-compiled-cfm5  int8-compiled + cfm_steps=5 (half the flow's Euler steps; changes the numbers, opt-in)
   int8-compiled-flowint8  int8-compiled + s3gen_quantize="int8" (int8 GEMMs in the flow estimator, CPU only;
                  changes the numbers, opt-in)
-  int8-compiled-flowint8attn  the same with s3gen_quantize="int8-attn" (also int8 attention scores in the
+  int8-compiled-flowint8attn  the same with s3gen_quantize="int8-attn" (also int8 attention in the
                  estimator; AVX512-VNNI CPUs; changes the numbers, opt-in)
 usage: python benchmarks/compare.py --ckpt-dir DIR [--device cuda] [--modes eager,bf16] [--cases short,medium,long]
        [--rounds N]

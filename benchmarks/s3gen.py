@@ -15,7 +15,7 @@ on this one), and the speed-up ratio.
 - reference: benchmarks/_reference_s3gen.py in the oracle venv (subprocess, JSON on stdout).
 - --int8 (CPU): each round also measures ours with s3gen_quantize="int8" (the opt-in int8 estimator GEMMs), and the
   run ends with that mode's drift from the exact output (mel and waveform, same noise).
-- --int8-attn (CPU with AVX512-VNNI): the same for s3gen_quantize="int8-attn" (int8 GEMMs + int8 attention scores).
+- --int8-attn (CPU with AVX512-VNNI): the same for s3gen_quantize="int8-attn" (int8 GEMMs + int8 attention).
 - ours: in process, `S3Gen.flow.inference` then `S3Gen.mel2wav` eager, with the engine's estimator weight layout, with our CPU kernels loaded on a CPU (as the
   engine does; CHATTERBOX_FAST_CPU_KERNELS=0 measures the pure-PyTorch path).
 """
@@ -120,7 +120,7 @@ def setup_ours(a, ckpt: Path):
         int8_linears = [b.int8 for b in blocks]
 
     def use_int8(mode: str | None) -> None:
-        """None (exact), "int8" (int8 GEMMs) or "int8-attn" (also int8 attention scores)."""
+        """None (exact), "int8" (int8 GEMMs) or "int8-attn" (also int8 attention)."""
         for b, q in zip(blocks, int8_linears):
             b.int8 = q if mode else None
             b.int8_attention = mode == "int8-attn"
@@ -210,7 +210,7 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also measure s3gen_quantize='int8' (int8 estimator GEMMs, "
                     "CPU) in every round, and its drift from the exact output")
     ap.add_argument("--int8-attn", action="store_true", help="also measure s3gen_quantize='int8-attn' (int8 GEMMs "
-                    "and int8 attention scores, AVX512-VNNI CPUs) in every round, and its drift")
+                    "and int8 attention, AVX512-VNNI CPUs) in every round, and its drift")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds for the reference subprocess")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -285,8 +285,8 @@ def main() -> None:
             ref["estimator_call_ms"]["median_ms"] / ours["estimator_call_ms"]["median_ms"]
         )
     notes = {"int8": "s3gen_quantize='int8': int8 GEMMs for the estimator's transformer linears; changes the output",
-             "int8-attn": "s3gen_quantize='int8-attn': int8 GEMMs and int8 attention scores (Q K^T); changes the "
-                          "output"}
+             "int8-attn": "s3gen_quantize='int8-attn': int8 GEMMs and int8 attention (Q K^T and P V); changes "
+                          "the output"}
     for mode in int8_modes:
         key = "ours_" + mode.replace("-", "_")
         o8 = {"flow_ms": _stats(raw[key]["flow"]), "hift_ms": _stats(raw[key]["hift"]),
