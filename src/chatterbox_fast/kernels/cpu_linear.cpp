@@ -917,71 +917,53 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               op, ": sequence or row stride too large");
 }
 
-// force_portable: the portable loop even where the VNNI path applies (tests compare the two)
-at::Tensor full_attention_int8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                                 bool force_portable) {
-  check_qkv(q, k, v, "full_attention_int8");
+// Checks q, k, v (B, T, H, D), allocates the contiguous (B, T, H, D) output and runs attend(head, T, D, qscale) for
+// every (batch, head) over the ATen thread pool; qscale = scale / ln 2 (base-2 softmax).
+template <class F>
+at::Tensor per_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, const char* op,
+                    F attend) {
+  check_qkv(q, k, v, op);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
-  TORCH_CHECK(Dh <= 1040, "full_attention_int8: head size ", Dh, " > 1040 (int32 dot products could overflow)");
   at::Tensor y = at::empty({B, T, H, Dh}, q.options());
-  const float qscale = static_cast<float>(scale * 1.4426950408889634);  // base-2 softmax
+  const float qscale = static_cast<float>(scale * 1.4426950408889634);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const bool fast = !force_portable && Dh == fq8::D && attention_int8_fast();
   at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = g / H, hh = g % H;
       const full::Head h{qp + b * q.stride(0) + hh * q.stride(2), kp + b * k.stride(0) + hh * k.stride(2),
                          vp + b * v.stride(0) + hh * v.stride(2), yp + (b * T * H + hh) * Dh,
                          q.stride(1), k.stride(1), v.stride(1), H * Dh};
-#if defined(CBF_HAVE_VNNI_PATH)
-      if (fast) {
-        fq8::attend_head_vnni(h, T, qscale);
-        continue;
-      }
-#endif
-      fq8::attend_head_portable(h, T, Dh, qscale);
+      attend(h, T, Dh, qscale);
     }
   });
   return y;
 }
 
-at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 && t->stride(3) == 1,
-                "full_attention: q, k and v must be (B, T, H, D) float32 CPU tensors with a contiguous last dim, "
-                "got ", t->sizes(), " ", t->scalar_type(), " strides ", t->strides());
-    TORCH_CHECK(t->sizes() == q.sizes(), "full_attention: q, k and v must have the same shape, got ", q.sizes(),
-                " and ", t->sizes());
-  }
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
-  TORCH_CHECK(T >= 1 && Dh >= 1, "full_attention: empty sequence or head, got ", q.sizes());
-  TORCH_CHECK(T < (int64_t{1} << 24) && q.stride(1) < (int64_t{1} << 24) && k.stride(1) < (int64_t{1} << 24),
-              "full_attention: sequence or row stride too large");
-  at::Tensor y = at::empty({B, T, H, Dh}, q.options());
-  const float qscale = static_cast<float>(scale * 1.4426950408889634);  // base-2 softmax
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t b = g / H, hh = g % H;
-      const full::Head h{qp + b * q.stride(0) + hh * q.stride(2), kp + b * k.stride(0) + hh * k.stride(2),
-                         vp + b * v.stride(0) + hh * v.stride(2), yp + (b * T * H + hh) * Dh,
-                         q.stride(1), k.stride(1), v.stride(1), H * Dh};
-#if defined(__AVX512F__) || defined(__AVX2__)
-      if (Dh == full::D) {
-        full::attend_head(h, T, qscale);
-        continue;
-      }
+// force_portable: the portable loop even where the VNNI path applies (tests compare the two)
+at::Tensor full_attention_int8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                               bool force_portable) {
+  TORCH_CHECK(q.dim() != 4 || q.size(3) <= 1040, "full_attention_int8: head size ", q.size(3),
+              " > 1040 (int32 dot products could overflow)");
+  const bool fast = !force_portable && attention_int8_fast();
+  auto attend = [fast](const full::Head& h, int64_t T, int64_t Dh, float qs) {
+#if defined(CBF_HAVE_VNNI_PATH)
+    if (fast && Dh == fq8::D) return fq8::attend_head_vnni(h, T, qs);
 #endif
-      full::attend_head_generic(h, T, Dh, qscale);
-    }
+    fq8::attend_head_portable(h, T, Dh, qs);
+  };
+  return per_head(q, k, v, scale, "full_attention_int8", attend);
+}
+
+at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  return per_head(q, k, v, scale, "full_attention", [](const full::Head& h, int64_t T, int64_t Dh, float qs) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    if (Dh == full::D) return full::attend_head(h, T, qs);
+#endif
+    full::attend_head_generic(h, T, Dh, qs);
   });
-  return y;
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& w, at::ScalarType wdtype, const char* op) {
