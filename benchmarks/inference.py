@@ -17,7 +17,8 @@ special ids) at random. Every request is therefore forced to a fixed length, ins
 A run that still ends early (the engine changed) is flagged ("stopped_early") and measured as generated.
 
 Modes: {eager,compiled}-{fp32,bf16,int8} = from_local(enable_compilation=..., use_mixed_precision=(bf16),
-quantize="int8" (int8)). A mode the engine does not offer is recorded as "not available"; bf16 on CPU means bf16
+quantize="int8" (int8)); CPU: compiled-int8-flowint8 / compiled-int8-flowint8attn add s3gen_quantize="int8" /
+"int8-attn" (opt-in, change the audio). A mode the engine does not offer is recorded as "not available"; bf16 on CPU means bf16
 T3 weights with fp32 math (our C++ kernel; without it the engine warns and T3 stays fp32). Each mode runs in its own subprocess by default (clean peak RSS /
 GPU memory per mode; a crash or a hang (--mode-timeout, --budget-s) costs that mode only) and the JSON is rewritten
 after every mode, so an interrupted run keeps what it measured.
@@ -73,6 +74,9 @@ EXAGGERATION = 0.5
 PRECISIONS = {"fp32": {}, "bf16": {"use_mixed_precision": True}, "int8": {"quantize": "int8"}}
 MODES = {f"{c}-{p}": {"enable_compilation": c == "compiled", **opts}
          for c in ("eager", "compiled") for p, opts in PRECISIONS.items()}
+# CPU fast modes: int8 T3 plus the opt-in int8 flow estimator GEMMs (+ int8 attention, AVX512-VNNI CPUs)
+MODES.update({f"compiled-int8-{name}": {"enable_compilation": True, "quantize": "int8", "s3gen_quantize": q}
+              for name, q in (("flowint8", "int8"), ("flowint8attn", "int8-attn"))})
 DEFAULT_MODES = {"cpu": "eager-fp32,compiled-fp32",  # on CPU bf16 = bf16 T3 weights, fp32 math (compiled-bf16)
                  "cuda": "eager-fp32,compiled-bf16,eager-bf16,compiled-fp32,compiled-int8"}  # most telling first
 
