@@ -188,8 +188,8 @@ class OptimizedChatterboxTTS:
         launch overhead; generation/cuda_graph.py). False runs them eagerly.
         s3gen_quantize="int8" (CPU only, opt-in, CHANGES THE OUTPUT): int8 GEMMs (int8 weights and per-row int8
         activations) for the transformer linears of S3Gen's flow estimator (quantize.quantize_s3gen; speed and the
-        mel's drift in BENCHMARKS.md). s3gen_quantize="int8-attn" also runs the estimator's attention on int8 dot products
-        (AVX512-VNNI CPUs only; a ValueError elsewhere)."""
+        mel's drift in BENCHMARKS.md). s3gen_quantize="int8-attn" also runs the estimator's attention on int8 dot
+        products (AVX512-VNNI CPUs only; a ValueError elsewhere)."""
         from .quantize import (check_int8_attention_supported, check_quantize_mode, check_s3gen_quantize_mode,
                                quantize_s3gen, quantize_t3)
 
@@ -220,8 +220,8 @@ class OptimizedChatterboxTTS:
             # the float weights being replaced are our private memory-mapped checkpoint tensors: drop their pages
             quantize_t3(parts.t3, quantize, release=release_file_pages if dev.type == "cpu" else None)
         # tap-major causal convs and one q/k/v GEMM per attention (same values; the int8 mode has its own q/k/v)
-        estimators = [] if parts.s3gen is None else [m for m in parts.s3gen.modules() if isinstance(m, ConditionalDecoder)]
-        for est in estimators:
+        for est in [] if parts.s3gen is None else [m for m in parts.s3gen.modules()
+                                                    if isinstance(m, ConditionalDecoder)]:
             for t in est.inference_layout_(fuse_qkv=s3gen_quantize is None):
                 if dev.type == "cpu":
                     release_file_pages(t)  # the replaced checkpoint tensors: drop their memory-mapped pages

@@ -56,9 +56,9 @@ from . import kernels as cpu_kernels
 from .models.t3 import T3
 
 QUANT_MODES = ("int8", "bf16")
-# the linears of each Llama layer that are quantised (attribute paths under tfmr.layers[i])
-# The checkpoint's 7 linears per Llama layer; quantize_t3 first fuses q/k/v and gate/up (T3 Attention.fuse /
-# MLP.fuse: bit-identical with per-output-channel scales), then converts the 4 linears of T3_INT8_TARGETS.
+# Attribute paths under tfmr.layers[i]: the checkpoint's 7 linears per Llama layer; quantize_t3 first fuses q/k/v
+# and gate/up (T3 Attention.fuse / MLP.fuse: bit-identical with per-output-channel scales), then converts the 4
+# linears of T3_INT8_TARGETS.
 T3_LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 T3_INT8_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")

@@ -629,12 +629,14 @@ inline void quantize_centred(const float* x, const float* m, const float* inv, i
 #if defined(__AVX512F__)
   const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   for (; d + 16 <= n; d += 16) {
-    const __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(m + d)), _mm512_loadu_ps(inv + d));
+    const __m512 y =
+        _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(m + d)), _mm512_loadu_ps(inv + d));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + d),
                      _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(y, lo), hi))));
   }
 #endif
-  for (; d < n; ++d) q[d] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint((x[d] - m[d]) * inv[d]))));
+  for (; d < n; ++d)
+    q[d] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint((x[d] - m[d]) * inv[d]))));
 }
 
 struct Quantized {  // one head
@@ -679,7 +681,8 @@ void quantize_head(const full::Head& h, int64_t T, int64_t Dh, Quantized& out) {
     out.sv[d] = amax[d] / 127.f;
   }
   out.v8.assign(static_cast<size_t>(T * Dh), 0);
-  for (int64_t t = 0; t < T; ++t) quantize_centred(h.v + t * h.ldv, out.vm.data(), inv.data(), Dh, out.v8.data() + t * Dh);
+  for (int64_t t = 0; t < T; ++t)
+    quantize_centred(h.v + t * h.ldv, out.vm.data(), inv.data(), Dh, out.v8.data() + t * Dh);
 }
 
 // qscale * q row -> int8 row + scale

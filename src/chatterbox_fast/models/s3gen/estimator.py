@@ -166,9 +166,10 @@ class Attention(nn.Module):
 
     def fuse_qkv_(self) -> list[torch.Tensor]:
         """Keep q, k and v's weights in one (3 H*hd, C) tensor, so inference runs one GEMM instead of three. The
-        three parameters become row views of it: same key names, values and state_dict; a load_state_dict copies into
-        it. Returns the replaced tensors (empty if already fused). Moving the module to another device or dtype
-        gives the parameters new storage; the fused GEMM then no longer applies and `attend` uses the three."""
+        three parameters become row views of it: same key names, values and state_dict (whose three tensors then
+        share storage: clone them before a safetensors save); a load_state_dict copies into it. Returns the
+        replaced tensors (empty if already fused). Moving the module to another device or dtype gives the
+        parameters new storage; the fused GEMM then no longer applies and `attend` uses the three."""
         if self._fused_qkv_weight() is not None:
             return []
         lins = (self.to_q, self.to_k, self.to_v)
