@@ -330,6 +330,9 @@ def test_int8_attention_bad_input():
     with pytest.raises(RuntimeError, match="head size"):
         big = torch.randn(1, 2, 1, 2048)
         torch.ops.chatterbox_fast.full_attention_int8(big, big, big, 0.1)
+    with pytest.raises(RuntimeError, match="65536 keys"):
+        long = torch.empty(1, 65537, 1, 64)  # rejected before anything is read
+        torch.ops.chatterbox_fast.full_attention_int8(long, long, long, 0.1)
 
 
 def test_quantize_s3gen_int8_attn_mode(monkeypatch):

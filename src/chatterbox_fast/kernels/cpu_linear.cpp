@@ -950,6 +950,8 @@ at::Tensor full_attention_int8(const at::Tensor& q, const at::Tensor& k, const a
                                bool force_portable) {
   TORCH_CHECK(q.dim() != 4 || q.size(3) <= 1040, "full_attention_int8: head size ", q.size(3),
               " > 1040 (int32 dot products could overflow)");
+  TORCH_CHECK(q.dim() != 4 || q.size(1) <= 65536, "full_attention_int8: sequence of ", q.size(1),
+              " > 65536 keys (the int32 P V sums, up to 255 * 127 per key, could overflow)");
   const bool fast = !force_portable && attention_int8_fast();
   auto attend = [fast](const full::Head& h, int64_t T, int64_t Dh, float qs) {
 #if defined(CBF_HAVE_VNNI_PATH)
