@@ -249,6 +249,9 @@ def parse_args(argv=None):
     ap.add_argument("--format", choices=("int8", "bf16"), default="int8",
                     help="weight format of the converted model in parts 2-3 (quantize_t3 mode; bf16 = bf16 weights, "
                          "fp32 math, what use_mixed_precision selects on CPU)")
+    ap.add_argument("--kv-dtype", choices=("fp32", "bf16"), default="bf16",
+                    help="KV cache of the converted model: bf16 is what the engine uses in its low-precision CPU modes "
+                         "(when our decode attention is built for this CPU); fp32 as before session 8")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "t3_int8.json")
     a = ap.parse_args(argv)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
@@ -345,12 +348,15 @@ def main(argv=None) -> None:
         t3_decode.release_memory()
         rss0 = common.rss_gb()
         int8 = quantize_t3(t3_decode.load_ours(args.ckpt), args.format)  # (named int8 below, whatever --format)
+        if args.kv_dtype == "bf16" and cpu_kernels.decode_attention_ready():
+            int8.kv_dtype = torch.bfloat16  # as the engine
         t3_decode.release_memory()
         data["resident"] = {
             "format": args.format, "int8_linear_bytes": int8_linear_bytes(int8),
             "low_precision_linear_bytes": low_precision_linear_bytes(int8),
             "float_linear_bytes_left": float_linear_bytes(int8),
             "fp32_linear_bytes": float_linear_bytes(fp32), "rss_gb_fp32_only": rss0,
+            "kv_dtype": str(int8.kv_dtype or torch.float32),
             "rss_gb_with_int8_model": common.rss_gb(),
         }
         print(f"resident: {args.format} linears {data['resident']['low_precision_linear_bytes'] / 1e9:.3f} GB (float left: "
@@ -365,9 +371,16 @@ def main(argv=None) -> None:
             d = distribution_drift(ref, test, tokens)
             d["seconds"] = time.perf_counter() - t0
             data["drift"] = d
-            print(f"drift over {d['steps']} teacher-forced steps: TV mean {d['tv_mean']:.4f} max {d['tv_max']:.4f}; "
-                  f"KL mean {d['kl_mean']:.5f} max {d['kl_max']:.5f}; top-1 agreement {d['top1_agreement']:.3f}",
-                  flush=True)
+            parts = [(f"{args.format} weights, {data['resident']['kv_dtype']} KV cache", d)]
+            if int8.kv_dtype is not None:  # the KV cache's share alone: fp32 weights over the same cache dtype
+                fp32.kv_dtype = int8.kv_dtype
+                data["drift_kv_cache_only"] = distribution_drift(ref, teacher_forced_logits(fp32, x, tokens), tokens)
+                fp32.kv_dtype = None
+                parts.append((f"fp32 weights, {data['resident']['kv_dtype']} KV cache", data["drift_kv_cache_only"]))
+            for name, r in parts:
+                print(f"drift over {r['steps']} teacher-forced steps ({name}): TV mean {r['tv_mean']:.4f} max "
+                      f"{r['tv_max']:.4f}; KL mean {r['kl_mean']:.5f} max {r['kl_max']:.5f}; top-1 agreement "
+                      f"{r['top1_agreement']:.3f}", flush=True)
         if "decode" not in args.skip:
             dec = run_decode(args, fp32, int8, x)
             data["decode"] = dec

@@ -66,9 +66,11 @@ def test_bf16_linear_matches_fp64(ops, m, n, k):
     assert bool(((y.double() - ref).abs() <= tol).all()), (y.double() - ref).abs().max()
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos, kv_len", [(0, 128), (5, 128), (127, 128), (128, 256), (300, 384), (999, 1024)])
-def test_decode_attention_matches_masked_sdpa(ops, pos, kv_len):
-    """T3's decode attention: one query per (batch, head) over cache slots <= pos, as SDPA with the step's mask."""
+def test_decode_attention_matches_masked_sdpa(ops, pos, kv_len, cache_dtype):
+    """T3's decode attention: one query per (batch, head) over cache slots <= pos, as SDPA with the step's mask.
+    A bf16 cache: the same as SDPA over the cache's values widened to fp32 (the kernel's math is fp32 either way)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(pos)
@@ -76,7 +78,8 @@ def test_decode_attention_matches_masked_sdpa(ops, pos, kv_len):
     q = torch.randn(2, 1, 16, 64, generator=g).transpose(1, 2)  # (B, H, 1, D), strided as in T3
     ip = torch.tensor([pos])
     mask = torch.arange(kv_len)[None, :] <= ip[:, None]
-    want = F.scaled_dot_product_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    want = F.scaled_dot_product_attention(q, kc[:, :, :kv_len].float(), vc[:, :, :kv_len].float(), attn_mask=mask)
     got = ops.decode_attention(q, kc, vc, ip, 0.125)
     assert got.shape == (2, 16, 1, 64)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
@@ -84,9 +87,10 @@ def test_decode_attention_matches_masked_sdpa(ops, pos, kv_len):
     assert torch.isfinite(ops.decode_attention(q, kc, vc, ip, 0.125)).all()
 
 
-def test_t3_decode_with_and_without_our_attention(ops, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+def test_t3_decode_with_and_without_our_attention(ops, monkeypatch, kv_dtype):
     """T3's decode step through our attention (CPU default once loaded) vs ATen's masked SDPA: same logits to fp32
-    noise, same sampled tokens."""
+    noise, same sampled tokens; also with a bf16 KV cache (the CPU low-precision modes: ATen's path widens it)."""
     from helpers import tiny_t3
 
     if not kernels.decode_attention_ready():
@@ -95,6 +99,7 @@ def test_t3_decode_with_and_without_our_attention(ops, monkeypatch):
     from chatterbox_fast.generation.sampling import SamplingParams
 
     model = tiny_t3(0)
+    model.kv_dtype = kv_dtype
     x = torch.randn(2, 12, model.cfg.dim, generator=torch.Generator().manual_seed(1))
     params = SamplingParams(max_new_tokens=40, min_p=0.0)
     calls = {"n": 0}
@@ -113,6 +118,7 @@ def test_t3_decode_with_and_without_our_attention(ops, monkeypatch):
     monkeypatch.setattr(t3_mod.torch.ops.chatterbox_fast, "decode_attention", counting, raising=False)
     ours = run()
     assert calls["n"] > 0, "the decode step did not use our attention"
+    assert model.tfmr.layers[0].self_attn.kv_cache.k_cache.dtype == (kv_dtype or torch.float32)
     monkeypatch.setattr(kernels, "decode_attention_ready", lambda: False)
     calls["n"] = 0
     aten = run()
@@ -129,6 +135,10 @@ def test_decode_attention_bad_inputs(ops):
         ops.decode_attention(q, kc, kc, torch.tensor([1, 2]), 0.125)
     with pytest.raises(RuntimeError, match="caches must be contiguous"):
         ops.decode_attention(q, kc[:, :8], kc, torch.tensor([1]), 0.125)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        ops.decode_attention(q, kc, kc.bfloat16(), torch.tensor([1]), 0.125)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        ops.decode_attention(q, kc.half(), kc.half(), torch.tensor([1]), 0.125)
 
 
 def _attention_fp64(q, k, v, scale):

@@ -288,8 +288,14 @@ def test_engine_quantize_option(monkeypatch, tmp_path):
     monkeypatch.setattr(engine, "load_components", _fake_parts)
     tts = engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", enable_watermark=False, quantize="int8")
     assert sum(isinstance(m, Int8Linear) for m in tts.t3.modules()) == 2 * len(T3_INT8_TARGETS)
+    # and a bf16 KV cache where our decode attention reads it (AVX-512 builds); exact fp32 keeps an fp32 cache
+    want_kv = torch.bfloat16 if cpu_kernels.decode_attention_ready() else None
+    assert tts.t3.kv_dtype == want_kv
+    tts.t3.setup_caches(2, 64)
+    assert tts.t3.tfmr.layers[0].self_attn.kv_cache.k_cache.dtype == (want_kv or torch.float32)
     plain = engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", enable_watermark=False)
     assert not any(isinstance(m, Int8Linear) for m in plain.t3.modules())
+    assert plain.t3.kv_dtype is None
     monkeypatch.setattr(engine, "download_checkpoint", lambda *a, **k: tmp_path)
     tts = engine.OptimizedChatterboxTTS.from_pretrained(device="cpu", enable_watermark=False, quantize="int8")
     assert any(isinstance(m, Int8Linear) for m in tts.t3.modules())

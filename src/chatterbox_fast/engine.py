@@ -219,6 +219,8 @@ class OptimizedChatterboxTTS:
         if quantize is not None:
             # the float weights being replaced are our private memory-mapped checkpoint tensors: drop their pages
             quantize_t3(parts.t3, quantize, release=release_file_pages if dev.type == "cpu" else None)
+            if dev.type == "cpu" and cpu_kernels.decode_attention_ready():
+                parts.t3.kv_dtype = torch.bfloat16  # low-precision modes: a bf16 KV cache too (half its bytes)
         # tap-major causal convs and one q/k/v GEMM per attention (same values; the int8 mode has its own q/k/v)
         for est in [] if parts.s3gen is None else [m for m in parts.s3gen.modules()
                                                     if isinstance(m, ConditionalDecoder)]:

@@ -20,6 +20,7 @@ class KVCache(nn.Module):
         return self.k_cache.shape[2]
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
-        """input_pos (S,), k/v (B, H, S, D): write in place at those positions."""
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
+        """input_pos (S,), k/v (B, H, S, D): write in place at those positions (rounded to the cache's dtype when
+        it is narrower than k/v's, e.g. a bf16 cache under fp32 activations)."""
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))

@@ -14,7 +14,8 @@ them in one graph as extern calls; fake implementations below give their output 
 - `torch.ops.chatterbox_fast.bf16_linear(x (M, K) f32, w (N, K) bf16) -> (M, N) f32`
 Both accumulate in fp32 over fp32 activations: the only rounding is the stored weight's.
 - `torch.ops.chatterbox_fast.decode_attention(q (B, H, 1, D), k_cache, v_cache (B, H, S, D), input_pos (1,), scale)
-  -> (B, H, 1, D)`: T3's single-query attention over the cache slots <= input_pos, fp32 (see the source).
+  -> (B, H, 1, D)`: T3's single-query attention over the cache slots <= input_pos, fp32 math over an fp32 or a
+  bf16 cache (bf16 rows widened in registers: half the bytes; see the source).
 - `torch.ops.chatterbox_fast.full_attention(q, k, v (B, T, H, D), scale) -> (B, T, H, D)` contiguous: unmasked
   softmax(q k^T * scale) v per (batch, head), fp32, on (B, T, H, D) views with a contiguous last dim (no transposes);
   the estimator's attention (register-tiled AVX-512 / AVX2 paths for D = 64, a plain loop otherwise).

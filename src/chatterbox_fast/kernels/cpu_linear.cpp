@@ -70,6 +70,16 @@ struct Bf16Weight {  // bf16 bits are the top half of an fp32: widen = shift lef
   }
 };
 
+struct F32Weight {  // plain fp32 rows (the decode attention's fp32 KV cache)
+  using T = float;
+#if defined(__AVX512F__)
+  static inline __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
+#elif defined(__AVX2__)
+  static inline __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+#endif
+  static inline float load1(const T* p) { return *p; }
+};
+
 // s0[j] = sum_k x0[k] * w[j * K + k], s1[j] likewise with x1, for j < B.
 //
 // Software prefetch of the *next* block: while one block of B rows streams in, each 64-byte line read here issues a
@@ -194,19 +204,22 @@ inline __m512 exp2_ps(__m512 x) {  // 2^x for x <= 0; relative error ~1e-7 (degr
 }
 #endif
 
-// one (batch, head): q (D,) pre-scaled, k / v (n, D) rows contiguous, scores scratch (>= n + 16), out (D,)
-void attend_one(const float* q, const float* k, const float* v, int64_t n, int64_t D, float* sc, float* out) {
+// one (batch, head): q (D,) pre-scaled, k / v (n, D) rows contiguous (fp32, or bf16 widened in registers: C is
+// F32Weight or Bf16Weight), scores scratch (>= n + 16), out (D,)
+template <class C>
+void attend_one(const float* q, const typename C::T* k, const typename C::T* v, int64_t n, int64_t D, float* sc,
+                float* out) {
 #if defined(__AVX512F__)
   if (D == 64) {
     const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16), q2 = _mm512_loadu_ps(q + 32),
                  q3 = _mm512_loadu_ps(q + 48);
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < n; ++t) {
-      const float* kt = k + t * 64;
-      __m512 a = _mm512_mul_ps(q0, _mm512_loadu_ps(kt));
-      a = _mm512_fmadd_ps(q1, _mm512_loadu_ps(kt + 16), a);
-      a = _mm512_fmadd_ps(q2, _mm512_loadu_ps(kt + 32), a);
-      a = _mm512_fmadd_ps(q3, _mm512_loadu_ps(kt + 48), a);
+      const typename C::T* kt = k + t * 64;
+      __m512 a = _mm512_mul_ps(q0, C::load16(kt));
+      a = _mm512_fmadd_ps(q1, C::load16(kt + 16), a);
+      a = _mm512_fmadd_ps(q2, C::load16(kt + 32), a);
+      a = _mm512_fmadd_ps(q3, C::load16(kt + 48), a);
       sc[t] = _mm512_reduce_add_ps(a);
       mx = std::max(mx, sc[t]);
     }
@@ -220,12 +233,12 @@ void attend_one(const float* q, const float* k, const float* v, int64_t n, int64
     }
     __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
     for (int64_t t = 0; t < n; ++t) {
-      const float* vt = v + t * 64;
+      const typename C::T* vt = v + t * 64;
       const __m512 p = _mm512_set1_ps(sc[t]);
-      o0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt), o0);
-      o1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + 16), o1);
-      o2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + 32), o2);
-      o3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + 48), o3);
+      o0 = _mm512_fmadd_ps(p, C::load16(vt), o0);
+      o1 = _mm512_fmadd_ps(p, C::load16(vt + 16), o1);
+      o2 = _mm512_fmadd_ps(p, C::load16(vt + 32), o2);
+      o3 = _mm512_fmadd_ps(p, C::load16(vt + 48), o3);
     }
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
     _mm512_storeu_ps(out, _mm512_mul_ps(o0, inv));
@@ -238,7 +251,7 @@ void attend_one(const float* q, const float* k, const float* v, int64_t n, int64
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < n; ++t) {
     float a = 0.f;
-    for (int64_t d = 0; d < D; ++d) a += q[d] * k[t * D + d];
+    for (int64_t d = 0; d < D; ++d) a += q[d] * C::load1(k + t * D + d);
     sc[t] = a;
     mx = std::max(mx, a);
   }
@@ -246,7 +259,7 @@ void attend_one(const float* q, const float* k, const float* v, int64_t n, int64
   for (int64_t t = 0; t < n; ++t) sum += (sc[t] = std::exp2(sc[t] - mx));
   for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t d = 0; d < D; ++d) out[d] += sc[t] * v[t * D + d];
+    for (int64_t d = 0; d < D; ++d) out[d] += sc[t] * C::load1(v + t * D + d);
   for (int64_t d = 0; d < D; ++d) out[d] /= sum;
 }
 }  // namespace dec
@@ -255,11 +268,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& input_pos, double scale) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(2) == 1,
               "decode_attention: q must be a (B, H, 1, D) float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
+  const at::ScalarType cdt = k_cache.scalar_type();
   for (const at::Tensor* c : {&k_cache, &v_cache}) {
-    TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->dim() == 4 && c->is_contiguous() &&
-                    c->size(0) == q.size(0) && c->size(1) == q.size(1) && c->size(3) == q.size(3),
-                "decode_attention: the caches must be contiguous (B, H, max_seq, D) float32 CPU tensors matching q ",
-                q.sizes(), ", got ", c->sizes());
+    TORCH_CHECK(c->device().is_cpu() && (cdt == at::kFloat || cdt == at::kBFloat16) && c->scalar_type() == cdt &&
+                    c->dim() == 4 && c->is_contiguous() && c->size(0) == q.size(0) && c->size(1) == q.size(1) &&
+                    c->size(3) == q.size(3),
+                "decode_attention: the caches must be contiguous (B, H, max_seq, D) CPU tensors, both float32 or both "
+                "bfloat16, matching q ", q.sizes(), ", got ", c->sizes(), " ", c->scalar_type());
   }
   TORCH_CHECK(input_pos.device().is_cpu() && input_pos.scalar_type() == at::kLong && input_pos.numel() == 1,
               "decode_attention: input_pos must be a (1,) int64 CPU tensor");
@@ -270,17 +285,26 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const float qscale = static_cast<float>(scale * 1.4426950408889634);  // base-2 softmax
   at::Tensor y = at::empty({B, H, 1, D}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> sc(static_cast<size_t>(n + 16)), qv(static_cast<size_t>(D));
-    for (int64_t g = g0; g < g1; ++g) {
-      const float* qg = qp + (g / H) * q.stride(0) + (g % H) * q.stride(1);
-      for (int64_t d = 0; d < D; ++d) qv[d] = qg[d] * qscale;
-      dec::attend_one(qv.data(), kp + g * S * D, vp + g * S * D, n, D, sc.data(), yp + g * D);
-    }
-  });
+  auto run = [&](auto row) {
+    using C = decltype(row);
+    using T = typename C::T;
+    const T* kp = static_cast<const T*>(k_cache.data_ptr());
+    const T* vp = static_cast<const T*>(v_cache.data_ptr());
+    at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> sc(static_cast<size_t>(n + 16)), qv(static_cast<size_t>(D));
+      for (int64_t g = g0; g < g1; ++g) {
+        const float* qg = qp + (g / H) * q.stride(0) + (g % H) * q.stride(1);
+        for (int64_t d = 0; d < D; ++d) qv[d] = qg[d] * qscale;
+        dec::attend_one<C>(qv.data(), kp + g * S * D, vp + g * S * D, n, D, sc.data(), yp + g * D);
+      }
+    });
+  };
+  if (cdt == at::kBFloat16) {
+    run(Bf16Weight{});  // half the cache bytes: the step's KV reads are memory-bound
+  } else {
+    run(F32Weight{});
+  }
   return y;
 }
 

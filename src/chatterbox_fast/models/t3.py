@@ -114,8 +114,8 @@ class Attention(nn.Module):
             y = torch.ops.chatterbox_fast.decode_attention(q, self.kv_cache.k_cache, self.kv_cache.v_cache, input_pos,
                                                            self.head_dim ** -0.5)  # (B, nh, 1, hd)
         else:  # read only the first kv_len cache slots (a static bucket >= the filled length)
-            kc = self.kv_cache.k_cache[:, :, :kv_len]
-            vc = self.kv_cache.v_cache[:, :, :kv_len]
+            kc = self.kv_cache.k_cache[:, :, :kv_len].to(q.dtype)  # (a no-op unless the cache is narrower)
+            vc = self.kv_cache.v_cache[:, :, :kv_len].to(q.dtype)
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
         return self.o_proj(y)
@@ -188,6 +188,9 @@ class T3(nn.Module):
         self.speech_head = nn.Linear(cfg.dim, cfg.speech_vocab_size, bias=False)
         self.max_batch = 0
         self.max_seq = 0
+        # KV cache dtype; None: the weights' dtype. The CPU engine's low-precision modes store it in bf16 (our decode
+        # attention widens the rows in registers: half the step's cache bytes, fp32 math)
+        self.kv_dtype: torch.dtype | None = None
 
     def fuse_projections(self) -> None:
         """q/k/v and gate/up as single GEMMs in every layer (fewer kernel launches per decode step; same math, the
@@ -201,17 +204,18 @@ class T3(nn.Module):
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
         """Allocate the static KV cache and the RoPE table (no-op if the current ones are large enough). After
         `release_caches` the cache comes back at its previous size (same shapes: compiled graphs stay valid)."""
+        w = self.speech_head.weight
+        dtype = self.kv_dtype or w.dtype
         fits = max_batch == self.max_batch and max_seq <= self.max_seq
-        if fits and self.caches_allocated:
+        if fits and self.caches_allocated and self.tfmr.layers[0].self_attn.kv_cache.k_cache.dtype == dtype:
             return
         max_seq = self.max_seq if fits else max_seq
-        w = self.speech_head.weight
         # normal tensors even when called under inference mode (generate_tokens): compiled graphs guard on the
         # dispatch keys of their inputs, so a cache re-created in another mode would compile them again
         with torch.inference_mode(False):
             for layer in self.tfmr.layers:
                 layer.self_attn.kv_cache = KVCache(max_batch, self.cfg.n_heads, max_seq, self.cfg.head_dim,
-                                                   w.dtype, w.device)
+                                                   dtype, w.device)
             if not fits:
                 self.register_buffer("rope", rope_table(self.cfg, max_seq, w.device), persistent=False)
         self.max_batch, self.max_seq = max_batch, max_seq
