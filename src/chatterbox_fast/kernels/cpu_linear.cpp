@@ -33,16 +33,115 @@
 
 namespace {
 
+// ---- vector helpers shared by the kernels below: one Isa struct per build (AVX-512: 16 floats, AVX2: 8) -------
+namespace dec {
+#if defined(__AVX512F__)
+inline __m512 exp2_ps(__m512 x) {  // 2^x for x <= 0; relative error ~1e-7 (degree-6 polynomial on [-0.5, 0.5])
+  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+}  // namespace dec
+
+#if defined(__AVX512F__)
+struct Isa {
+  using V = __m512;
+  static constexpr int L = 16, KW = 32, QR = 12, PR = 6, PW = 64;  // PW: PV tile width (columns of D)
+  static V zero() { return _mm512_setzero_ps(); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V abs(V x) { return _mm512_andnot_ps(_mm512_set1_ps(-0.f), x); }
+  static float reduce_max(V x) { return _mm512_reduce_max_ps(x); }
+  static V exp2(V x) { return dec::exp2_ps(x); }
+  static float reduce_add(V x) { return _mm512_reduce_add_ps(x); }
+  static __mmask16 mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+  static V load_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void store_tail(float* p, V x, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
+  static V gather(const float* base, int64_t stride, int64_t n) {  // base[i * stride], i < n; zeros after
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int>(stride)));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask(n), idx, base, 4);
+  }
+};
+#elif defined(__AVX2__)
+struct Isa {
+  using V = __m256;
+  static constexpr int L = 8, KW = 16, QR = 6, PR = 3, PW = 32;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V abs(V x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
+  static float reduce_max(V x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static float reduce_add(V x) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+  }
+  static V exp2(V x) {  // 2^x for x <= 0, as dec::exp2_ps: relative error ~1e-7, exactly 0 below 2^-126
+    const __m256 lo = _mm256_set1_ps(-126.f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  }
+  static __m256i mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load_tail(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask(n)); }
+  static void store_tail(float* p, V x, int64_t n) { _mm256_maskstore_ps(p, mask(n), x); }
+  static V gather(const float* base, int64_t stride, int64_t n) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(static_cast<int>(stride)));
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(mask(n)), 4);
+  }
+};
+#endif
+
 constexpr int64_t NB = 8;  // output channels per block (8 x 2 accumulators; 2/4/8 alike with the prefetch below)
 
 struct Int8Weight {
   using T = int8_t;
 #if defined(__AVX512F__)
-  static inline __m512 load16(const T* p) {
+  static inline __m512 load(const T* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
 #elif defined(__AVX2__)
-  static inline __m256 load8(const T* p) {
+  static inline __m256 load(const T* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
 #endif
@@ -52,12 +151,12 @@ struct Int8Weight {
 struct Bf16Weight {  // bf16 bits are the top half of an fp32: widen = shift left by 16
   using T = uint16_t;
 #if defined(__AVX512F__)
-  static inline __m512 load16(const T* p) {
+  static inline __m512 load(const T* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 #elif defined(__AVX2__)
-  static inline __m256 load8(const T* p) {
+  static inline __m256 load(const T* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
@@ -73,9 +172,9 @@ struct Bf16Weight {  // bf16 bits are the top half of an fp32: widen = shift lef
 struct F32Weight {  // plain fp32 rows (the decode attention's fp32 KV cache)
   using T = float;
 #if defined(__AVX512F__)
-  static inline __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
+  static inline __m512 load(const T* p) { return _mm512_loadu_ps(p); }
 #elif defined(__AVX2__)
-  static inline __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  static inline __m256 load(const T* p) { return _mm256_loadu_ps(p); }
 #endif
   static inline float load1(const T* p) { return *p; }
 };
@@ -95,37 +194,16 @@ inline void dot_block(const float* x0, const float* x1, const typename W::T* w, 
   const uintptr_t next = reinterpret_cast<uintptr_t>(w) + B * K * sizeof(T);  // an address, maybe past the end
   int64_t k = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-#if defined(__AVX512F__)
-  using V = __m512;
-  constexpr int64_t L = 16;
-  auto zero = [] { return _mm512_setzero_ps(); };
-  auto load = [](const float* p) { return _mm512_loadu_ps(p); };
-  auto widen = [](const T* p) { return W::load16(p); };
-  auto fma = [](V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); };
-  auto hsum = [](V a) { return _mm512_reduce_add_ps(a); };
-#else
-  using V = __m256;
-  constexpr int64_t L = 8;
-  auto zero = [] { return _mm256_setzero_ps(); };
-  auto load = [](const float* p) { return _mm256_loadu_ps(p); };
-  auto widen = [](const T* p) { return W::load8(p); };
-  auto fma = [](V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); };
-  auto hsum = [](V a) {  // lanes in order
-    alignas(32) float t[8];
-    _mm256_store_ps(t, a);
-    float s = 0.f;
-    for (int i = 0; i < 8; ++i) s += t[i];
-    return s;
-  };
-#endif
+  using V = Isa::V;
+  constexpr int64_t L = Isa::L;
   V a0[B], a1[B];
-  for (int64_t j = 0; j < B; ++j) a0[j] = a1[j] = zero();
+  for (int64_t j = 0; j < B; ++j) a0[j] = a1[j] = Isa::zero();
   auto step = [&](int64_t kk) {  // L elements of each row
-    const V v0 = load(x0 + kk), v1 = load(x1 + kk);
+    const V v0 = Isa::load(x0 + kk), v1 = Isa::load(x1 + kk);
     for (int64_t j = 0; j < B; ++j) {
-      const V wv = widen(w + j * K + kk);
-      a0[j] = fma(v0, wv, a0[j]);
-      a1[j] = fma(v1, wv, a1[j]);
+      const V wv = W::load(w + j * K + kk);  // widened to fp32
+      a0[j] = Isa::fma(v0, wv, a0[j]);
+      a1[j] = Isa::fma(v1, wv, a1[j]);
     }
   };
   for (; k + LINE <= K; k += LINE) {
@@ -136,8 +214,8 @@ inline void dot_block(const float* x0, const float* x1, const typename W::T* w, 
   }
   for (; k + L <= K; k += L) step(k);
   for (int64_t j = 0; j < B; ++j) {
-    s0[j] = hsum(a0[j]);
-    s1[j] = hsum(a1[j]);
+    s0[j] = Isa::reduce_add(a0[j]);
+    s1[j] = Isa::reduce_add(a1[j]);
   }
 #else
   (void)next;
@@ -191,22 +269,6 @@ void linear_kernel(const float* x, const typename W::T* w, const float* scale, f
 // half the cache bytes (1.5-1.7x faster at positions 150-800, measured) and the result equals fp32 attention over
 // the bf16 values.
 namespace dec {
-#if defined(__AVX512F__)
-inline __m512 exp2_ps(__m512 x) {  // 2^x for x <= 0; relative error ~1e-7 (degree-6 polynomial on [-0.5, 0.5])
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
-
 // one (batch, head): q (D,) pre-scaled, k / v (n, D) rows contiguous (fp32, or bf16 widened in registers: C is
 // F32Weight or Bf16Weight), scores scratch (>= n + 16), out (D,)
 template <class C>
@@ -219,10 +281,10 @@ void attend_one(const float* q, const typename C::T* k, const typename C::T* v, 
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < n; ++t) {
       const typename C::T* kt = k + t * 64;
-      __m512 a = _mm512_mul_ps(q0, C::load16(kt));
-      a = _mm512_fmadd_ps(q1, C::load16(kt + 16), a);
-      a = _mm512_fmadd_ps(q2, C::load16(kt + 32), a);
-      a = _mm512_fmadd_ps(q3, C::load16(kt + 48), a);
+      __m512 a = _mm512_mul_ps(q0, C::load(kt));
+      a = _mm512_fmadd_ps(q1, C::load(kt + 16), a);
+      a = _mm512_fmadd_ps(q2, C::load(kt + 32), a);
+      a = _mm512_fmadd_ps(q3, C::load(kt + 48), a);
       sc[t] = _mm512_reduce_add_ps(a);
       mx = std::max(mx, sc[t]);
     }
@@ -238,10 +300,10 @@ void attend_one(const float* q, const typename C::T* k, const typename C::T* v, 
     for (int64_t t = 0; t < n; ++t) {
       const typename C::T* vt = v + t * 64;
       const __m512 p = _mm512_set1_ps(sc[t]);
-      o0 = _mm512_fmadd_ps(p, C::load16(vt), o0);
-      o1 = _mm512_fmadd_ps(p, C::load16(vt + 16), o1);
-      o2 = _mm512_fmadd_ps(p, C::load16(vt + 32), o2);
-      o3 = _mm512_fmadd_ps(p, C::load16(vt + 48), o3);
+      o0 = _mm512_fmadd_ps(p, C::load(vt), o0);
+      o1 = _mm512_fmadd_ps(p, C::load(vt + 16), o1);
+      o2 = _mm512_fmadd_ps(p, C::load(vt + 32), o2);
+      o3 = _mm512_fmadd_ps(p, C::load(vt + 48), o3);
     }
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
     _mm512_storeu_ps(out, _mm512_mul_ps(o0, inv));
@@ -357,86 +419,6 @@ inline void prefetch_row(const float* p) {
   for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(p + c), _MM_HINT_T0);
 #endif
 }
-
-#if defined(__AVX512F__)
-struct Isa {
-  using V = __m512;
-  static constexpr int L = 16, KW = 32, QR = 12, PR = 6, PW = 64;  // PW: PV tile width (columns of D)
-  static V zero() { return _mm512_setzero_ps(); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static V abs(V x) { return _mm512_andnot_ps(_mm512_set1_ps(-0.f), x); }
-  static float reduce_max(V x) { return _mm512_reduce_max_ps(x); }
-  static V exp2(V x) { return dec::exp2_ps(x); }
-  static float reduce_add(V x) { return _mm512_reduce_add_ps(x); }
-  static __mmask16 mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
-  static V load_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
-  static void store_tail(float* p, V x, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
-  static V gather(const float* base, int64_t stride, int64_t n) {  // base[i * stride], i < n; zeros after
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int>(stride)));
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask(n), idx, base, 4);
-  }
-};
-#elif defined(__AVX2__)
-struct Isa {
-  using V = __m256;
-  static constexpr int L = 8, KW = 16, QR = 6, PR = 3, PW = 32;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static V abs(V x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
-  static float reduce_max(V x) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-  }
-  static float reduce_add(V x) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-  }
-  static V exp2(V x) {  // 2^x for x <= 0, as dec::exp2_ps: relative error ~1e-7, exactly 0 below 2^-126
-    const __m256 lo = _mm256_set1_ps(-126.f);
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(x, n);
-    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-  }
-  static __m256i mask(int64_t n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
-                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
-  static V load_tail(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask(n)); }
-  static void store_tail(float* p, V x, int64_t n) { _mm256_maskstore_ps(p, mask(n), x); }
-  static V gather(const float* base, int64_t stride, int64_t n) {
-    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                           _mm256_set1_epi32(static_cast<int>(stride)));
-    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(mask(n)), 4);
-  }
-};
-#endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 using V = Isa::V;
@@ -605,7 +587,6 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
   float amax = 0.f;
   int64_t k = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  using full::Isa;
   Isa::V m = Isa::zero();
   for (; k + Isa::L <= K; k += Isa::L) m = Isa::max(m, Isa::abs(Isa::load(x + k)));
   amax = Isa::reduce_max(m);
@@ -834,7 +815,7 @@ inline int32_t softmax_row_u8(const float* sr, int64_t T, float mx, uint8_t* p8)
     sum = _mm512_add_epi32(sum, q);
   }
   for (; t < T; t += 16) {
-    const __mmask16 m = full::Isa::mask(T - t);
+    const __mmask16 m = Isa::mask(T - t);
     const __m512 e = dec::exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sr + t), mv));
     const __m512i q = _mm512_maskz_cvtps_epi32(m, _mm512_mul_ps(e, k255));
     _mm_mask_storeu_epi8(p8 + t, m, _mm512_cvtusepi32_epi8(q));
