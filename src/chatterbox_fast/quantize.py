@@ -367,7 +367,7 @@ def quantize_t3(model: T3, mode: str = "int8", release=None) -> T3:
                 if not isinstance(lin, nn.Linear):  # already converted (to this or the other format)
                     continue
                 setattr(parent, name, _LINEAR_TYPES[mode].from_linear(lin))
-                if release is not None and name in ("o_proj", "down_proj"):  # the fused ones are our own copies
+                if release is not None and path in T3_LAYER_LINEARS:  # a checkpoint weight (the fused ones are ours)
                     release(lin.weight)
                 del lin
     return model
