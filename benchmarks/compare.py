@@ -13,8 +13,10 @@ The reference runs in its own python (`--ref-python`, default the oracle venv) a
 runs in this process, one engine per mode. `--rounds N` repeats (reference, our modes) N times, alternating, so
 that both sides see a shared VM's slow and fast spells (its speed moves +-15-25 % within minutes); each case's best
 run counts. Modes:
-  eager       fp32, no CUDA graphs, no compilation (on CPU: the plain engine)
-  compiled    fp32 + enable_compilation (CPU: inductor decode step; CUDA: inductor kernels inside CUDA graphs)
+  eager       fp32, no CUDA graphs, no compilation (on CPU: the plain engine; since session 9 its T3 decodes
+              through the fused C++ step, generation/fused.py, where our kernels build)
+  compiled    fp32 + enable_compilation (CUDA: inductor kernels inside CUDA graphs; CPU: the same as eager for
+              T3 since session 9 (the fused step needs no compilation; before: an inductor decode step))
   graphs      fp32 + CUDA graphs of the eager kernels (CUDA only)
   bf16        use_mixed_precision (bf16 T3 and estimator) + CUDA graphs (CUDA only)
   bf16-compiled  bf16 + compilation + CUDA graphs; on CPU: use_mixed_precision = bf16 T3 weights, fp32 math

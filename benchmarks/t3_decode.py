@@ -19,12 +19,14 @@ Reported per implementation: prefill ms (one call; the same eager prefill for al
 Modes (ours): eager; compiled = compile_decode_step's defaults (inductor default mode, no freezing, dynamic kv_len);
 autotune-freezing = max-autotune (C++ micro-GEMM) + freezing; freezing = default mode + freezing; autotune =
 max-autotune without freezing; autotune-freezing-static = autotune-freezing with dynamic=None (kv_len specialised
-on its first value, then automatic dynamic: one more graph, one more frozen copy of the weights).
+on its first value, then automatic dynamic: one more graph, one more frozen copy of the weights); fused =
+generation/fused.py (the 30 layers in one C++ call, no compilation; fuses an fp32 model's q/k/v and gate/up first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -50,6 +52,7 @@ import oracle_paths  # noqa: E402
 from chatterbox_fast.config import T3Config  # noqa: E402
 from chatterbox_fast.generation.compile import CompiledStep  # noqa: E402
 from chatterbox_fast.generation.decode import kv_bucket, new_state, prefill, step_logits  # noqa: E402
+from chatterbox_fast.generation.fused import FusedDecodeStep  # noqa: E402
 from chatterbox_fast.generation.sampling import SamplingParams, exponential_noise  # noqa: E402
 from chatterbox_fast.models.t3 import T3, T3_KEYMAP  # noqa: E402
 from chatterbox_fast.weights import load_strict, read_safetensors  # noqa: E402
@@ -64,6 +67,8 @@ MODES = {
     "autotune": ("max-autotune-no-cudagraphs", False, True),
     # inductor's C++ wrapper instead of its Python one (no per-kernel Python calls; ~2.7x the compile time)
     "compiled-cpp-wrapper": ("default", False, True, {"cpp_wrapper": True}),
+    # generation/fused.py: the layer stack as one C++ call, no compilation (fuses q/k/v and gate/up of an fp32 model)
+    "fused": ("fused", False, True),
 }
 PARAMS = SamplingParams(temperature=0.8, cfg_weight=0.5, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
 NOTE = ("weights are random (oracle checkpoint, official shapes): speed is unaffected, the tokens are meaningless; "
@@ -153,6 +158,22 @@ def prefill_input(model: T3, ckpt: Path, text_len: int) -> torch.Tensor:
     return model.prefill_embeds(cond, text_ids(text_len), cfg_batch=True)
 
 
+class FusedAsStep(FusedDecodeStep):
+    """FusedDecodeStep with the bits of CompiledStep's interface that Ours uses (never compiled)."""
+
+    is_compiled = False
+    fallback_reason = None
+    _compiled = None
+
+    def __init__(self, model: T3):
+        if model.tfmr.layers[0].self_attn.qkv_proj is None:
+            model.fuse_projections()  # an fp32 model: the kernel takes fused q/k/v and gate/up
+        super().__init__(model)
+
+    def _config(self):
+        return contextlib.nullcontext()
+
+
 class Ours:
     """One of our modes: a CompiledStep (or eager) with its own decode state; every chunk starts at a given
     position, so all modes decode the same positions in a round (they share the model's KV cache: values do not
@@ -161,8 +182,11 @@ class Ours:
     def __init__(self, model: T3, name: str, S: int, args):
         self.model, self.name, self.S = model, name, S
         self.mode, self.freezing, dynamic, *options = MODES[name]
-        self.step = CompiledStep(model, self.mode, self.freezing, dynamic=dynamic,
-                                 options=options[0] if options else None)
+        if self.mode == "fused":
+            self.step = FusedAsStep(model)
+        else:
+            self.step = CompiledStep(model, self.mode, self.freezing, dynamic=dynamic,
+                                     options=options[0] if options else None)
         with torch.inference_mode():  # as in generate_tokens (the compiled step guards on it)
             self.state = new_state(model, S, 2, "cpu")
             self.tok = torch.tensor([100])
@@ -201,7 +225,7 @@ class Ours:
             t0 = time.perf_counter()
             self.tok = self.step(self.model, self.tok, st, noise, PARAMS, kv_len)
             steps.append((time.perf_counter() - t0) * 1e3)
-        logits_fn = self.step._compiled if self.step.is_compiled else step_logits
+        logits_fn = self.step._compiled if self.step.is_compiled else getattr(self.step, "step_logits", step_logits)
         st.input_pos.fill_(pos + n - 1)
         st.speech_pos.fill_(pos + n - 1 - self.S + 1)
         kv_len = kv_bucket(pos + n, self.model.max_seq)
@@ -317,6 +341,8 @@ def main(argv=None) -> None:
     chunk = args.steps // args.rounds
 
     model = load_ours(args.ckpt)
+    if "fused" in args.modes:
+        model.fuse_projections()  # before any mode compiles: every mode then runs the fused q/k/v and gate/up GEMMs
     x = prefill_input(model, args.ckpt, args.text_len)
     S = x.shape[1]
     model.setup_caches(2, S + args.warmup + chunk * args.rounds + 2)

@@ -320,13 +320,13 @@ def test_other_isa_builds_match_fp64(isa, tmp_path):
                            (torch.ops.chatterbox_fast.bf16_linear(x, wb), wb.double())]:
                 ref = x.double() @ w64.T
                 tol = 1e-6 * (x.double().abs() @ w64.abs().T) + 1e-7
-                assert bool(((y.double() - ref).abs() <= tol).all()), (isa, m, n, k)
+                assert bool(((y.double() - ref).abs() <= tol).all()), (kernels.isa(), m, n, k)
         for t, d in [(5, 64), (49, 64), (33, 16)]:  # the estimator attention (AVX2 tiles for d = 64; else a loop)
             q, k, v = (torch.randn(2, t, 3, d, generator=g) for _ in range(3))
             y = torch.ops.chatterbox_fast.full_attention(q, k, v, d ** -0.5).double()
             ref = torch.nn.functional.scaled_dot_product_attention(
                 *(a.double().transpose(1, 2) for a in (q, k, v)), scale=d ** -0.5).transpose(1, 2)
-            assert float((y - ref).abs().max()) < 5e-6, (isa, t, d)
+            assert float((y - ref).abs().max()) < 5e-6, (kernels.isa(), t, d)
         assert kernels.full_attention_ready() == (kernels.isa() == "avx2")
         for k in (1, 7, 8, 33, 300):  # int8 estimator GEMMs' passes: vector bodies and scalar tails
             x = torch.randn(6, k, generator=g) * 3
@@ -334,14 +334,54 @@ def test_other_isa_builds_match_fp64(isa, tmp_path):
             q, s = torch.ops.chatterbox_fast.quantize_rows(x)
             amax = x.abs().amax(1)
             inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-            assert torch.equal(q, torch.round(x * inv[:, None]).clamp(-127, 127).to(torch.int8)), (isa, k)
-            assert torch.equal(s, amax / 127), (isa, k)
+            assert torch.equal(q, torch.round(x * inv[:, None]).clamp(-127, 127).to(torch.int8)), (kernels.isa(), k)
+            assert torch.equal(s, amax / 127), (kernels.isa(), k)
             acc = torch.randint(-1000, 1000, (6, k), generator=g, dtype=torch.int32)
             sw, b = torch.rand(k, generator=g), torch.randn(k, generator=g)
             want = acc.double() * s.double()[:, None] * sw.double() + b.double()
             assert torch.allclose(torch.ops.chatterbox_fast.dequant_rows(acc, s, sw, b).double(), want,
-                                  rtol=1e-6, atol=1e-6), (isa, k)
+                                  rtol=1e-6, atol=1e-6), (kernels.isa(), k)
         assert not kernels.int8_attention_ready()  # the VNNI tiles are AVX-512 builds only
+        for dt in (torch.float32, torch.bfloat16):  # T3's decode attention: vector path for D = 64, scalar tails
+            for pos in (0, 5, 16, 37):
+                q = torch.randn(2, 3, 1, 64, generator=g)
+                kc, vc = (torch.randn(2, 3, 48, 64, generator=g).to(dt) for _ in range(2))
+                y = torch.ops.chatterbox_fast.decode_attention(q, kc, vc, torch.tensor([pos]), 0.125).double()
+                ref = torch.nn.functional.scaled_dot_product_attention(
+                    q.double(), kc[:, :, :pos + 1].double(), vc[:, :, :pos + 1].double(), scale=0.125)
+                assert float((y - ref).abs().max()) < 1e-5, (kernels.isa(), dt, pos)
+        # the fused decode step (generation/fused.py) on a tiny int8 T3 against the module path
+        import copy
+        from chatterbox_fast.config import T3Config
+        from chatterbox_fast.generation.decode import new_state, prefill, step_logits
+        from chatterbox_fast.generation.fused import fused_step_unsupported, layer_weights
+        from chatterbox_fast.models.t3 import T3
+        from chatterbox_fast.quantize import quantize_t3
+        torch.manual_seed(0)
+        a = T3(T3Config.tiny()).eval()
+        for p in a.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        quantize_t3(a, "int8")
+        b = copy.deepcopy(a)
+        x = torch.randn(2, 9, a.cfg.dim, generator=g)
+        with torch.inference_mode():
+            for m in (a, b):
+                m.setup_caches(2, 32)
+                prefill(m, x)
+            sa, sb = new_state(a, 9, 2, "cpu"), new_state(b, 9, 2, "cpu")
+            for i in range(12):
+                tok = torch.tensor([i * 5])
+                want = step_logits(a, tok, sa, 32)
+                got = torch.ops.chatterbox_fast.decode_layers(
+                    b.speech_embed(tok, sb.speech_pos, 2).reshape(2, -1).contiguous(), *layer_weights(b),
+                    [lay.self_attn.kv_cache.k_cache for lay in b.tfmr.layers],
+                    [lay.self_attn.kv_cache.v_cache for lay in b.tfmr.layers], b.rope, sb.input_pos, b.cfg.norm_eps)
+                got = b.speech_logits(b.tfmr.norm(got))
+                assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (kernels.isa(), i)
+                for st in (sa, sb):
+                    st.input_pos += 1
+                    st.speech_pos += 1
+        assert (fused_step_unsupported(b) is None) == (kernels.isa() == "avx2"), fused_step_unsupported(b)
         x = torch.randn(2, 37, 3, 2, 64, generator=torch.Generator().manual_seed(7))
         torch.save(torch.ops.chatterbox_fast.full_attention_int8(x[:, :, 0], x[:, :, 1], x[:, :, 2], 0.125),
                    r"%s")

@@ -134,17 +134,21 @@ class OptimizedChatterboxTTS:
         self.watermarker = _load_watermarker() if enable_watermark else None
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._step_fn = None
+        self.fused_decode = False  # True: T3 decodes through the fused C++ CPU step (generation/fused.py)
         if self.cuda_graphs:
             if type(getattr(self.t3.tfmr.layers[0].self_attn, "q_proj", None)) is torch.nn.Linear:  # not int8
                 self.t3.fuse_projections()  # fewer GEMM launches per decode step
             self._step_fn = self._graph_decode(enable_compilation)
+        elif device.type == "cpu" and (fused := self._fused_decode()) is not None:
+            self._step_fn = fused  # faster than the compiled step, and nothing to compile
+            self.fused_decode = True
         elif enable_compilation:
             self._step_fn = self._compile_decode()
         if device.type == "cuda" and (self.cuda_graphs or use_mixed_precision):
             from .generation.cuda_graph import graph_estimator
 
             graph_estimator(self.s3gen, torch.bfloat16 if use_mixed_precision else None, graphs=self.cuda_graphs)
-        if enable_compilation and self._step_fn is not None:
+        if enable_compilation and self._step_fn is not None and not self.fused_decode:
             self.warm_up()
 
     def warm_up(self) -> None:
@@ -247,6 +251,22 @@ class OptimizedChatterboxTTS:
                 warnings.warn(f"enable_compilation=True: could not compile the decode step ({type(e).__name__}: "
                               f"{e}); using eager kernels in CUDA graphs", stacklevel=3)
         return CUDAGraphDecodeStep(self.t3, logits_fn)
+
+    def _fused_decode(self):
+        """CPU: T3's layers in one C++ call per token (generation/fused.py; measured 1.1-1.4x faster than the
+        compiled step, BENCHMARKS.md), when the kernels are built and the layers fit; else None (module path)."""
+        from .generation.fused import FusedDecodeStep, fused_step_unsupported
+
+        attn = self.t3.tfmr.layers[0].self_attn
+        if cpu_kernels.available() and attn.qkv_proj is None and type(attn.q_proj) is torch.nn.Linear:
+            # fp32 (quantize_t3 fuses the others): q/k/v and gate/up as one weight each, the kernel's layout; the
+            # replaced checkpoint weights' memory-mapped pages are dropped (a later read would fault them back in)
+            self.t3.fuse_projections(release=release_file_pages)
+        reason = fused_step_unsupported(self.t3)
+        if reason is not None:
+            logger.info("fused CPU decode step not used: %s", reason)
+            return None
+        return FusedDecodeStep(self.t3)
 
     def _compile_decode(self):
         try:

@@ -13,7 +13,8 @@ lines is missing. What this offline CPU machine needs is done around the text, n
   (benchmarks/results/t3_decode.json), too slow for a unit test (tests/generation/test_compile.py compiles a tiny
   T3 for real). Here torch.compile is made to fail the way an unsupported system does, and the tests assert the
   guide's documented behaviour ("Model will still work, just without compilation speedup"): one warning, eager
-  decoding, and the same output as with enable_compilation=False.
+  decoding, and the same output as with enable_compilation=False. (On a CPU with our C++ kernels the engine decodes
+  through the fused step, generation/fused.py, and compiles nothing for T3; one test switches that off.)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import chatterbox_fast.quantize as quantize_mod
 from chatterbox_fast import kernels as cpu_kernels
 from chatterbox_fast import OptimizedChatterboxTTS
 from chatterbox_fast.generation.compile import CompiledStep
+from chatterbox_fast.generation.fused import FusedDecodeStep
 
 MAX_NEW_TOKENS = 6
 PRESET_TEXT = "Production agents need fast, clear speech."
@@ -245,10 +247,17 @@ def _check_wav(wav: torch.Tensor) -> None:
 
 
 def _check_compile_fell_back(model: OptimizedChatterboxTTS, caplog) -> None:
+    """enable_compilation=True under a failing torch.compile: on a CPU with our kernels the engine decodes through
+    the fused C++ step and never compiles T3 (no warning); otherwise the compile fails, warns once, runs eager."""
     step = model._step_fn
-    assert isinstance(step, CompiledStep) and model.enable_compilation
-    assert not step.is_compiled and "simulated" in step.fallback_reason
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert model.enable_compilation
+    if model.fused_decode:
+        assert cpu_kernels.available() and isinstance(step, FusedDecodeStep)
+        assert not any("using eager" in m for m in msgs), msgs
+        return
+    assert isinstance(step, CompiledStep)
+    assert not step.is_compiled and "simulated" in step.fallback_reason
     assert sum("using eager" in m for m in msgs) == 1, msgs
 
 
@@ -283,6 +292,17 @@ def test_basic_usage(guide, tmp_path, monkeypatch, caplog):
     assert call.model is model and call.text == "Hello, this is optimized TTS!" and not call.kwargs["verbose"]
     info = sf.info(tmp_path / "output.wav")
     assert info.samplerate == 24000 and info.channels == 1 and info.frames == wav.shape[1]
+
+
+def test_compile_failure_falls_back_without_the_fused_step(guide, tmp_path, monkeypatch, caplog):
+    """Where the fused CPU step does not apply (no C++ compiler; CUDA), enable_compilation=True compiles the decode
+    step: a failing compile warns once and the model decodes eagerly, as the guide promises."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(OptimizedChatterboxTTS, "_fused_decode", lambda self: None)
+    ns = run_snippet(BASIC, "basic usage")
+    assert not ns["model"].fused_decode
+    _check_compile_fell_back(ns["model"], caplog)
+    _check_wav(ns["wav"])
 
 
 def test_advanced_usage_then_voice_cloning(guide, tmp_path, monkeypatch, caplog, short_voice):
@@ -340,7 +360,8 @@ def test_balanced_and_development_presets(guide, caplog, capsys, perth):
         dev = run_snippet(DEVELOPMENT, "development", preset_namespace())
     model = dev["model"]
     assert not _mixed_precision_warnings(record)
-    assert model._step_fn is None and not model.enable_compilation
+    assert not model.enable_compilation
+    assert isinstance(model._step_fn, FusedDecodeStep) if cpu_kernels.available() else model._step_fn is None
     assert isinstance(model.watermarker, perth.PerthImplicitWatermarker)
     assert f"sampling speech tokens: 0/{MAX_NEW_TOKENS}" in capsys.readouterr().err  # verbose=True: progress
     _check_wav(dev["wav"])

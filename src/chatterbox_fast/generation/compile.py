@@ -1,7 +1,8 @@
 """Compiled T3 decode step: `torch.compile` with inductor, a drop-in `step_fn`, and a logged fall-back to eager.
 
 `compile_decode_step(model, mode)` returns a callable with the signature of `decode_one_token`, for
-`generate_tokens(step_fn=...)`. Two scopes:
+`generate_tokens(step_fn=...)`. (On a CPU whose C++ kernels build, the engine uses generation/fused.py instead:
+the layer stack in one C++ call is faster than this compiled step and needs no compilation.) Two scopes:
 - "logits" (default): compile `step_logits` (speech embedding, every layer over the static KV cache, final norm,
   speech head); the logits processors and the draw run eagerly. Nothing user-tunable is in the graph, and the graph
   mutates no inputs (only the KV-cache buffers), which should suit CUDA graphs (not tried: no GPU yet).

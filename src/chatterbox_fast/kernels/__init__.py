@@ -28,6 +28,9 @@ Both accumulate in fp32 over fp32 activations: the only rounding is the stored w
   (q = round(x * 127 / max|x_m|), s = max|x_m| / 127); `dequant_rows(acc (M, N) int32, sx (M,), sw (N,), bias?)
   -> (M, N) f32` = acc * sx[m] * sw[n] + bias[n], and `dequant_rows_acc_(y, ...)` adding that into y in place: the
   two elementwise passes around `torch._int_mm` of the opt-in int8 estimator GEMMs (quantize.W8A8Linear).
+- `torch.ops.chatterbox_fast.decode_layers(x (B, D), weights, scales, norms, k_caches, v_caches, rope, input_pos,
+  eps) -> (B, D)`: every T3 layer of one decode step in one call (generation/fused.py), writing each layer's k / v
+  into its cache slot input_pos; int8 / bf16 / fp32 layer weights, fp32 math.
 
 Environment:
 - CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).
@@ -164,6 +167,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("chatterbox_fast::dequant_rows_acc_")
     def _dequant_rows_acc_fake(y, acc, sx, sw, bias):
         return None
+
+    @torch.library.register_fake("chatterbox_fast::decode_layers")
+    def _decode_layers_fake(x, weights, scales, norms, k_caches, v_caches, rope, input_pos, eps):
+        return x.new_empty(x.shape)
 
 
 def load() -> bool:

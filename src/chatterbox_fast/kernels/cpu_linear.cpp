@@ -64,6 +64,10 @@ struct Isa {
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V select_nonneg(V x, V a, V b) {  // x >= 0 ? a : b, per lane
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+  }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static V abs(V x) { return _mm512_andnot_ps(_mm512_set1_ps(-0.f), x); }
   static float reduce_max(V x) { return _mm512_reduce_max_ps(x); }
@@ -71,6 +75,7 @@ struct Isa {
   static float reduce_add(V x) { return _mm512_reduce_add_ps(x); }
   static __mmask16 mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
   static V load_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static V keep_first(V x, int64_t n) { return _mm512_maskz_mov_ps(mask(n), x); }  // lanes >= n zeroed
   static void store_tail(float* p, V x, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
   static V gather(const float* base, int64_t stride, int64_t n) {  // base[i * stride], i < n; zeros after
     const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -90,6 +95,10 @@ struct Isa {
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V select_nonneg(V x, V a, V b) {  // x >= 0 ? a : b, per lane
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
+  }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
   static V abs(V x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
   static float reduce_max(V x) {
@@ -123,6 +132,7 @@ struct Isa {
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
   static V load_tail(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask(n)); }
+  static V keep_first(V x, int64_t n) { return _mm256_and_ps(x, _mm256_castsi256_ps(mask(n))); }
   static void store_tail(float* p, V x, int64_t n) { _mm256_maskstore_ps(p, mask(n), x); }
   static V gather(const float* base, int64_t stride, int64_t n) {
     const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -269,49 +279,57 @@ void linear_kernel(const float* x, const typename W::T* w, const float* scale, f
 // half the cache bytes (1.5-1.7x faster at positions 150-800, measured) and the result equals fp32 attention over
 // the bf16 values.
 namespace dec {
+#if defined(__AVX512F__) || defined(__AVX2__)
+// D = NV * Isa::L (64: 4 AVX-512 or 8 AVX2 vectors): q in NV registers, one key row per score, the scores'
+// exponentials vectorised over t, then P V into NV accumulators
+template <class C, int NV>
+void attend_vec(const float* q, const typename C::T* k, const typename C::T* v, int64_t n, float* sc, float* out) {
+  using V = Isa::V;
+  constexpr int64_t L = Isa::L, D = NV * Isa::L;
+  V qv[NV];
+  for (int i = 0; i < NV; ++i) qv[i] = Isa::load(q + i * L);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) {
+    const typename C::T* kt = k + t * D;
+    V a = Isa::mul(qv[0], C::load(kt));
+    for (int i = 1; i < NV; ++i) a = Isa::fma(qv[i], C::load(kt + i * L), a);
+    sc[t] = Isa::reduce_add(a);
+    mx = std::max(mx, sc[t]);
+  }
+  const V mv = Isa::set1(mx);
+  V sum = Isa::zero();
+  int64_t t = 0;
+  for (; t + L <= n; t += L) {
+    const V e = Isa::exp2(Isa::sub(Isa::load(sc + t), mv));
+    Isa::store(sc + t, e);
+    sum = Isa::add(sum, e);
+  }
+  if (t < n) {
+    const V e = Isa::keep_first(Isa::exp2(Isa::sub(Isa::load_tail(sc + t, n - t), mv)), n - t);
+    Isa::store_tail(sc + t, e, n - t);
+    sum = Isa::add(sum, e);
+  }
+  V o[NV];
+  for (int i = 0; i < NV; ++i) o[i] = Isa::zero();
+  for (t = 0; t < n; ++t) {
+    const typename C::T* vt = v + t * D;
+    const V p = Isa::set1(sc[t]);
+    for (int i = 0; i < NV; ++i) o[i] = Isa::fma(p, C::load(vt + i * L), o[i]);
+  }
+  const V inv = Isa::set1(1.f / Isa::reduce_add(sum));
+  for (int i = 0; i < NV; ++i) Isa::store(out + i * L, Isa::mul(o[i], inv));
+}
+#endif
+
 // one (batch, head): q (D,) pre-scaled, k / v (n, D) rows contiguous (fp32, or bf16 widened in registers: C is
-// F32Weight or Bf16Weight), scores scratch (>= n + 16), out (D,)
+// F32Weight or Bf16Weight), scores scratch (>= n + 16), out (D,). Vector path for D = 4 or 8 vectors (64 on both
+// ISAs, 128 on AVX-512), else a plain loop.
 template <class C>
 void attend_one(const float* q, const typename C::T* k, const typename C::T* v, int64_t n, int64_t D, float* sc,
                 float* out) {
-#if defined(__AVX512F__)
-  if (D == 64) {
-    const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16), q2 = _mm512_loadu_ps(q + 32),
-                 q3 = _mm512_loadu_ps(q + 48);
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) {
-      const typename C::T* kt = k + t * 64;
-      __m512 a = _mm512_mul_ps(q0, C::load(kt));
-      a = _mm512_fmadd_ps(q1, C::load(kt + 16), a);
-      a = _mm512_fmadd_ps(q2, C::load(kt + 32), a);
-      a = _mm512_fmadd_ps(q3, C::load(kt + 48), a);
-      sc[t] = _mm512_reduce_add_ps(a);
-      mx = std::max(mx, sc[t]);
-    }
-    const __m512 mv = _mm512_set1_ps(mx);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t t = 0; t < n; t += 16) {
-      const __mmask16 mk = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(mk, exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + t), mv)));
-      _mm512_mask_storeu_ps(sc + t, mk, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
-    for (int64_t t = 0; t < n; ++t) {
-      const typename C::T* vt = v + t * 64;
-      const __m512 p = _mm512_set1_ps(sc[t]);
-      o0 = _mm512_fmadd_ps(p, C::load(vt), o0);
-      o1 = _mm512_fmadd_ps(p, C::load(vt + 16), o1);
-      o2 = _mm512_fmadd_ps(p, C::load(vt + 32), o2);
-      o3 = _mm512_fmadd_ps(p, C::load(vt + 48), o3);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-    _mm512_storeu_ps(out, _mm512_mul_ps(o0, inv));
-    _mm512_storeu_ps(out + 16, _mm512_mul_ps(o1, inv));
-    _mm512_storeu_ps(out + 32, _mm512_mul_ps(o2, inv));
-    _mm512_storeu_ps(out + 48, _mm512_mul_ps(o3, inv));
-    return;
-  }
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (D == 4 * Isa::L) return attend_vec<C, 4>(q, k, v, n, sc, out);
+  if (D == 8 * Isa::L) return attend_vec<C, 8>(q, k, v, n, sc, out);
 #endif
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < n; ++t) {
@@ -371,6 +389,201 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     run(F32Weight{});
   }
   return y;
+}
+
+// ---- T3's whole layer stack for one decode step, in one call -----------------------------------------------------
+// x (B, D) -> x after every Llama layer (before the final norm), at position p = input_pos[0]; writes each layer's
+// k / v into its cache slot p. The same math as the module path (RMSNorm, fused q/k/v, rotate-half RoPE, the
+// attention above over slots <= p, o_proj + residual, RMSNorm, fused gate/up, SiLU * up, down + residual) with the
+// same linear kernels, but no per-op dispatch: the module path's ~15 ops per layer cost ~2-4 us each through the
+// dispatcher / inductor's Python wrapper (8-10 ms per token at 30 layers, a third of the int8 step), here the
+// small ops are loops over a few thousand floats and only the linears and the attention use the thread pool.
+namespace stack {
+
+struct Lin {  // one linear's weight (N, K): int8 with per-channel scales, bf16 or fp32
+  const void* w;
+  const float* s;
+  at::ScalarType t;
+  int64_t N, K;
+};
+
+Lin make_lin(const at::Tensor& w, const at::Tensor& s, int64_t N, int64_t K, const char* what, int64_t layer) {
+  const at::ScalarType t = w.scalar_type();
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
+                  (t == at::kChar || t == at::kBFloat16 || t == at::kFloat) && w.size(0) == N && w.size(1) == K,
+              "decode_layers: layer ", layer, " ", what, " weight must be a contiguous (", N, ", ", K,
+              ") int8 / bfloat16 / float32 CPU tensor, got ", w.sizes(), " ", t);
+  const float* sp = nullptr;
+  if (t == at::kChar) {
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == N,
+                "decode_layers: layer ", layer, " ", what, ": an int8 weight needs (", N, ",) float32 scales, got ",
+                s.sizes(), " ", s.scalar_type());
+    sp = s.data_ptr<float>();
+  } else {
+    TORCH_CHECK(s.numel() == 0, "decode_layers: layer ", layer, " ", what, ": scales are for int8 weights only");
+  }
+  return {w.data_ptr(), sp, t, N, K};
+}
+
+void linear(const Lin& l, const float* x, float* y, int64_t M) {
+  if (l.t == at::kChar) {
+    linear_kernel<Int8Weight>(x, static_cast<const int8_t*>(l.w), l.s, y, M, l.N, l.K);
+  } else if (l.t == at::kBFloat16) {
+    linear_kernel<Bf16Weight>(x, static_cast<const uint16_t*>(l.w), nullptr, y, M, l.N, l.K);
+  } else {
+    linear_kernel<F32Weight>(x, static_cast<const float*>(l.w), nullptr, y, M, l.N, l.K);
+  }
+}
+
+// y[m] = w * (x[m] * rsqrt(mean(x[m]^2) + eps)), fp32 (T3's RMSNorm)
+void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t D, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * D;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // 8 partial sums (vectorisable, a fixed order)
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      for (int64_t j = 0; j < 8; ++j) acc[j] += xm[d + j] * xm[d + j];
+    float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; d < D; ++d) ss += xm[d] * xm[d];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (d = 0; d < D; ++d) y[m * D + d] = w[d] * (xm[d] * r);
+  }
+}
+
+// x (hd,) in place: rotate-half RoPE with cos / sin rows (hd,) (HF Llama: x * cos + rotate_half(x) * sin)
+inline void rope(float* x, const float* cs, int64_t hd) {  // cs: (hd, 2) interleaved cos, sin
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    const float a = x[d], b = x[d + half];
+    x[d] = a * cs[2 * d] - b * cs[2 * d + 1];
+    x[d + half] = b * cs[2 * (d + half)] + a * cs[2 * (d + half) + 1];
+  }
+}
+
+// y = silu(g) * u over n values; silu(g) = g * sigmoid(g) with exp of -|g| only (never overflows)
+void silu_mul(const float* g, const float* u, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  using V = Isa::V;
+  const V one = Isa::set1(1.f), nl2e = Isa::set1(-1.4426950408889634f);
+  for (; i + Isa::L <= n; i += Isa::L) {
+    const V gv = Isa::load(g + i);
+    const V e = Isa::exp2(Isa::mul(Isa::abs(gv), nl2e));  // exp(-|g|) in (0, 1]
+    const V inv = Isa::div(one, Isa::add(one, e));         // sigmoid(|g|)
+    const V sig = Isa::select_nonneg(gv, inv, Isa::mul(e, inv));  // g >= 0 ? 1 / (1 + e) : e / (1 + e)
+    Isa::store(y + i, Isa::mul(Isa::mul(gv, sig), Isa::load(u + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+}  // namespace stack
+
+// x (B, D) float32; per layer l: weights[4l..4l+3] = qkv (3 H hd, D), o (D, H hd), gate_up (2 I, D), down (D, I),
+// scales[4l..] their int8 scales (empty for bf16 / fp32 weights), norms[2l], norms[2l+1] = input / post-attention
+// RMSNorm weights (D,); k_caches[l], v_caches[l] (B, H, S, hd) float32 or bfloat16; rope (>= p + 1, hd, 2) float32.
+at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::TensorList scales, at::TensorList norms,
+                         at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& rope,
+                         const at::Tensor& input_pos, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "decode_layers: x must be a contiguous (B, D) float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t nl = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(nl >= 1 && static_cast<int64_t>(v_caches.size()) == nl && static_cast<int64_t>(weights.size()) == 4 * nl &&
+                  static_cast<int64_t>(scales.size()) == 4 * nl && static_cast<int64_t>(norms.size()) == 2 * nl,
+              "decode_layers: expected 4 weights, 4 scales, 2 norms and 2 caches per layer, got ", weights.size(), ", ",
+              scales.size(), ", ", norms.size(), ", ", k_caches.size(), " + ", v_caches.size());
+  const int64_t B = x.size(0), D = x.size(1);
+  const at::Tensor& c0 = k_caches[0];
+  TORCH_CHECK(c0.dim() == 4, "decode_layers: caches must be (B, H, S, hd), got ", c0.sizes());
+  const int64_t H = c0.size(1), S = c0.size(2), hd = c0.size(3), inner = H * hd;
+  const at::ScalarType cdt = c0.scalar_type();
+  const int64_t I = weights[2].size(0) / 2;
+  TORCH_CHECK(input_pos.device().is_cpu() && input_pos.scalar_type() == at::kLong && input_pos.numel() == 1,
+              "decode_layers: input_pos must be a (1,) int64 CPU tensor");
+  const int64_t p = input_pos.data_ptr<int64_t>()[0];
+  TORCH_CHECK(p >= 0 && p < S, "decode_layers: position ", p, " outside the ", S, "-slot cache");
+  TORCH_CHECK(rope.device().is_cpu() && rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.dim() == 3 &&
+                  rope.size(0) > p && rope.size(1) == hd && rope.size(2) == 2 && hd % 2 == 0,
+              "decode_layers: rope must be a contiguous (> ", p, ", ", hd, ", 2) float32 table, got ", rope.sizes());
+  std::vector<stack::Lin> lins;
+  lins.reserve(4 * nl);
+  for (int64_t l = 0; l < nl; ++l) {
+    lins.push_back(stack::make_lin(weights[4 * l], scales[4 * l], 3 * inner, D, "qkv", l));
+    lins.push_back(stack::make_lin(weights[4 * l + 1], scales[4 * l + 1], D, inner, "o_proj", l));
+    lins.push_back(stack::make_lin(weights[4 * l + 2], scales[4 * l + 2], 2 * I, D, "gate_up", l));
+    lins.push_back(stack::make_lin(weights[4 * l + 3], scales[4 * l + 3], D, I, "down_proj", l));
+    for (int64_t j = 0; j < 2; ++j) {
+      const at::Tensor& nw = norms[2 * l + j];
+      TORCH_CHECK(nw.device().is_cpu() && nw.scalar_type() == at::kFloat && nw.is_contiguous() && nw.numel() == D,
+                  "decode_layers: layer ", l, " norm weights must be contiguous (", D, ",) float32, got ", nw.sizes());
+    }
+    for (const at::Tensor* c : {&k_caches[l], &v_caches[l]}) {
+      TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == cdt && (cdt == at::kFloat || cdt == at::kBFloat16) &&
+                      c->is_contiguous() && c->sizes() == c0.sizes() && c->size(0) == B,
+                  "decode_layers: layer ", l, " caches must be contiguous (", B, ", H, S, hd) CPU tensors like layer "
+                  "0's ", c0.sizes(), " ", cdt, " (float32 or bfloat16), got ", c->sizes(), " ", c->scalar_type());
+    }
+  }
+  at::Tensor out = x.clone();
+  float* xs = out.data_ptr<float>();
+  std::vector<float> h(B * D), tmp(B * D), qkv(B * 3 * inner), att(B * inner), gu(B * 2 * I), act(B * I);
+  const float* cs = rope.data_ptr<float>() + p * hd * 2;
+  const float qscale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(hd)));
+  const float feps = static_cast<float>(eps);
+  for (int64_t l = 0; l < nl; ++l) {
+    stack::rms_norm(xs, norms[2 * l].data_ptr<float>(), h.data(), B, D, feps);
+    stack::linear(lins[4 * l], h.data(), qkv.data(), B);
+    void* kc = k_caches[l].data_ptr();
+    void* vc = v_caches[l].data_ptr();
+    for (int64_t b = 0; b < B; ++b) {  // RoPE on q and k, then k and v into cache slot p
+      float* row = qkv.data() + b * 3 * inner;
+      for (int64_t hh = 0; hh < 2 * H; ++hh) stack::rope(row + hh * hd, cs, hd);
+      for (int64_t hh = 0; hh < H; ++hh) {
+        const int64_t slot = ((b * H + hh) * S + p) * hd;
+        const float* kr = row + inner + hh * hd;
+        const float* vr = row + 2 * inner + hh * hd;
+        if (cdt == at::kBFloat16) {
+          for (int64_t d = 0; d < hd; ++d) {  // round to nearest even, as Tensor.to(bfloat16)
+            static_cast<c10::BFloat16*>(kc)[slot + d] = c10::BFloat16(kr[d]);
+            static_cast<c10::BFloat16*>(vc)[slot + d] = c10::BFloat16(vr[d]);
+          }
+        } else {
+          std::memcpy(static_cast<float*>(kc) + slot, kr, hd * sizeof(float));
+          std::memcpy(static_cast<float*>(vc) + slot, vr, hd * sizeof(float));
+        }
+      }
+    }
+    auto attend = [&](auto row) {
+      using C = decltype(row);
+      using T = typename C::T;
+      const T* kp = static_cast<const T*>(kc);
+      const T* vp = static_cast<const T*>(vc);
+      at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
+        std::vector<float> sc(static_cast<size_t>(p + 17)), qv(static_cast<size_t>(hd));
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t b = g / H, hh = g % H;
+          const float* qg = qkv.data() + b * 3 * inner + hh * hd;
+          for (int64_t d = 0; d < hd; ++d) qv[d] = qg[d] * qscale;
+          dec::attend_one<C>(qv.data(), kp + g * S * hd, vp + g * S * hd, p + 1, hd, sc.data(),
+                             att.data() + b * inner + hh * hd);
+        }
+      });
+    };
+    if (cdt == at::kBFloat16) {
+      attend(Bf16Weight{});
+    } else {
+      attend(F32Weight{});
+    }
+    stack::linear(lins[4 * l + 1], att.data(), tmp.data(), B);
+    for (int64_t i = 0; i < B * D; ++i) xs[i] += tmp[i];
+    stack::rms_norm(xs, norms[2 * l + 1].data_ptr<float>(), h.data(), B, D, feps);
+    stack::linear(lins[4 * l + 2], h.data(), gu.data(), B);
+    for (int64_t b = 0; b < B; ++b)
+      stack::silu_mul(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, act.data() + b * I, I);
+    stack::linear(lins[4 * l + 3], act.data(), tmp.data(), B);
+    for (int64_t i = 0; i < B * D; ++i) xs[i] += tmp[i];
+  }
+  return out;
 }
 
 // ---- full (unmasked) self-attention for S3Gen's CFM estimator: T queries x T keys per (batch, head) -------------
@@ -1125,6 +1338,8 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("dequant_rows(Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> Tensor");
   m.def("dequant_rows_acc_(Tensor(a!) y, Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> ()");
+  m.def("decode_layers(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] norms, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, Tensor rope, Tensor input_pos, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
@@ -1136,6 +1351,7 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("quantize_rows", &quantize_rows);
   m.impl("dequant_rows", &dequant_rows);
   m.impl("dequant_rows_acc_", &dequant_rows_acc_);
+  m.impl("decode_layers", &decode_layers);
 }
 
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.

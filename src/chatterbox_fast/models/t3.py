@@ -192,13 +192,19 @@ class T3(nn.Module):
         # attention widens the rows in registers: half the step's cache bytes, fp32 math)
         self.kv_dtype: torch.dtype | None = None
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, release=None) -> None:
         """q/k/v and gate/up as single GEMMs in every layer (fewer kernel launches per decode step; same math, the
         GEMM kernels may round differently). A runtime transform: the model can no longer be saved in the
-        checkpoint's layout. quantize_t3 fuses the layers itself before converting them."""
+        checkpoint's layout. quantize_t3 fuses the layers itself before converting them. `release`: called with each
+        replaced weight once its layer is fused (the engine drops a memory-mapped checkpoint's pages with it)."""
         for layer in self.tfmr.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            for part, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                                (layer.mlp, ("gate_proj", "up_proj"))):
+                originals = [getattr(part, n).weight for n in names if hasattr(part, n)]
+                part.fuse()
+                if release is not None:
+                    for w in originals:
+                        release(w)
 
     # ---- caches -------------------------------------------------------------------------------------------
     def setup_caches(self, max_batch: int, max_seq: int) -> None:

@@ -1,0 +1,114 @@
+"""CPU decode step with T3's whole layer stack in one C++ call (`chatterbox_fast::decode_layers`, kernels/).
+
+Decoding one token at batch 2 reads every weight once, so on a CPU the step is bound by weight bytes, and what is
+left above that floor is per-op overhead: the module path (eager or inductor) issues ~15 ops per layer, 450 per
+token, each going through the dispatcher or inductor's Python wrapper at a few microseconds, 8-10 ms per token on
+the 2-core machine measured: a third of the int8 step. `decode_layers` runs the same math (the same linear and
+attention kernels as the module path's Int8Linear / Bf16Linear / decode attention, the small ops as plain loops) in
+one call; the speech embedding, the final norm, the speech head and the sampler stay in PyTorch (a handful of ops).
+No compilation: nothing to warm up, and the same speed with `enable_compilation` off.
+
+It applies to T3 on the CPU with fp32 activations, fused q/k/v and gate/up projections (`T3.fuse_projections`, which
+`quantize_t3` does) and the C++ kernels built for AVX-512 or AVX2 (the portable build's plain loops would be slower
+than ATen's kernels); `fused_step_unsupported(model)` says why not otherwise. Its numbers
+are those of the module path up to fp32 summation order (RMSNorm's sum, FMA contraction in RoPE / SiLU):
+tests/generation/test_fused_step.py.
+
+Bound to one model: it holds references to the layer weights taken at construction (quantising or fusing the model
+afterwards needs a new step). The KV caches are looked up on every call, so `setup_caches` / `release_caches` are
+fine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels as cpu_kernels
+from ..models.t3 import T3
+from .decode import DecodeState, choose
+from .sampling import SamplingParams
+
+
+def _linear_weight(mod: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(weight, int8 scales or an empty tensor) of a T3 layer linear, or None when the kernel cannot run it."""
+    from ..quantize import Bf16Linear, Int8Linear
+
+    empty = torch.empty(0)
+    if isinstance(mod, Int8Linear):
+        return mod.weight_int8, mod.scale
+    if isinstance(mod, Bf16Linear):
+        return mod.weight_bf16, empty
+    if type(mod) is nn.Linear and mod.bias is None and mod.weight.dtype == torch.float32:
+        return mod.weight, empty
+    return None
+
+
+def fused_step_unsupported(model: T3) -> str | None:
+    """None when `FusedDecodeStep(model)` can run, else the reason (a sentence)."""
+    if not isinstance(model, T3):
+        return f"not a T3 ({type(model).__name__})"
+    if model.speech_head.weight.device.type != "cpu" or model.speech_head.weight.dtype != torch.float32:
+        return "the fused step runs T3 on the CPU with fp32 activations"
+    if not cpu_kernels.available():
+        return f"the C++ CPU kernels are not loaded ({cpu_kernels.error() or 'call kernels.load() first'})"
+    if cpu_kernels.isa() not in ("avx512", "avx2"):
+        return f"the fused step needs an AVX-512 or AVX2 build of the kernels (this one: {cpu_kernels.isa()})"
+    for layer in model.tfmr.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_proj is None or mlp.gate_up_proj is None:
+            return "q/k/v and gate/up must be fused (T3.fuse_projections or quantize_t3)"
+        for mod in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if _linear_weight(mod) is None:
+                return f"unsupported layer linear {type(mod).__name__} (int8, bf16 or bias-free fp32 expected)"
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(n.eps != model.cfg.norm_eps or n.weight.dtype != torch.float32 for n in norms):
+            return "the layer norms must be fp32 with the config's eps"
+    return None
+
+
+def layer_weights(model: T3) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """decode_layers' weight arguments: per layer the qkv / o / gate_up / down weights (4 per layer), their int8
+    scales (empty tensors for bf16 / fp32 weights) and the two RMSNorm weights. Call on a supported model."""
+    weights, scales, norms = [], [], []
+    for layer in model.tfmr.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for mod in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            w, s = _linear_weight(mod)
+            weights.append(w.detach())
+            scales.append(s.detach())
+        norms += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+    return weights, scales, norms
+
+
+class FusedDecodeStep:
+    """`step(model, token, state, noise, params, kv_len) -> next token (1,)`, a drop-in `step_fn` for
+    `generate_tokens`, with the layers in one `decode_layers` call (module docstring)."""
+
+    def __init__(self, model: T3):
+        reason = fused_step_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"FusedDecodeStep: {reason}")
+        self.model = model
+        self.weights, self.scales, self.norms = layer_weights(model)
+
+    def step_logits(self, model: T3, token: Tensor, state: DecodeState, kv_len: int) -> Tensor:
+        """As decode.step_logits: token (1,) at state's positions -> raw speech logits (B, V) fp32. kv_len is
+        unused (the kernel reads the cache slots <= state.input_pos)."""
+        if model is not self.model:
+            raise ValueError("this fused step belongs to another T3 instance")
+        B, D = state.batch, model.cfg.dim
+        x = model.speech_embed(token, state.speech_pos, B).reshape(B, D).contiguous()  # (B, D)
+        layers = model.tfmr.layers
+        h = torch.ops.chatterbox_fast.decode_layers(
+            x, self.weights, self.scales, self.norms, [lay.self_attn.kv_cache.k_cache for lay in layers],
+            [lay.self_attn.kv_cache.v_cache for lay in layers], model.rope, state.input_pos, model.cfg.norm_eps)
+        return model.speech_logits(model.tfmr.norm(h))  # (B, V)
+
+    def __call__(self, model: T3, token: Tensor, state: DecodeState, noise: Tensor, params: SamplingParams,
+                 kv_len: int) -> Tensor:
+        logits = self.step_logits(model, token, state, kv_len)
+        nxt = choose(logits, state, noise, params)
+        state.input_pos += 1
+        state.speech_pos += 1
+        return nxt

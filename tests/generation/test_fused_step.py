@@ -1,0 +1,135 @@
+"""The fused CPU decode step (generation/fused.py: T3's layer stack as one `chatterbox_fast::decode_layers` call)
+against the module path (decode.step_logits), on a tiny random T3, for every weight format and KV-cache dtype.
+
+Tolerance: both paths run the same linear and attention kernels on the same fp32 activations; they differ only in
+fp32 summation order (RMSNorm's sum) and FMA contraction (RoPE, SiLU), ~1e-7 relative per op, so logits agree to
+1e-5 of their scale and the caches to float rounding; with a bf16 cache, a value next to a rounding boundary can
+round the other way (one bf16 ulp, up to 2^-7 relative), which moves later logits by up to ~1e-4 of their scale.
+Sampled tokens (same noise) are identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from chatterbox_fast import kernels
+from chatterbox_fast.generation.decode import generate_tokens, kv_bucket, new_state, prefill, step_logits
+from chatterbox_fast.generation.fused import FusedDecodeStep, fused_step_unsupported
+from chatterbox_fast.generation.sampling import SamplingParams
+from chatterbox_fast.quantize import quantize_t3
+
+from helpers import tiny_t3
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ops():
+    if os.environ.get("CHATTERBOX_FAST_CPU_KERNELS", "1") == "0":
+        pytest.skip("disabled by CHATTERBOX_FAST_CPU_KERNELS=0")
+    assert kernels.load(), kernels.error()
+
+
+def _model(fmt: str | None, kv_dtype) -> torch.nn.Module:
+    model = tiny_t3(0)
+    if fmt is None:
+        model.fuse_projections()
+    else:
+        quantize_t3(model, fmt)
+    model.kv_dtype = kv_dtype
+    return model
+
+
+def _caches(model):
+    return [c for lay in model.tfmr.layers for c in (lay.self_attn.kv_cache.k_cache, lay.self_attn.kv_cache.v_cache)]
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [None, "int8", "bf16"])
+def test_fused_step_matches_module_path(fmt, kv_dtype):
+    """Teacher-forced: 40 steps from position 12 on two copies of one model, module path vs fused: logits and the
+    KV cache slots each writes."""
+    a = _model(fmt, kv_dtype)
+    b = copy.deepcopy(a)
+    S, n = 12, 40
+    x = torch.randn(2, S, a.cfg.dim, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for m in (a, b):
+            m.setup_caches(2, 64)
+            prefill(m, x)
+        step = FusedDecodeStep(b)
+        sa, sb = new_state(a, S, 2, "cpu"), new_state(b, S, 2, "cpu")
+        tol = 1e-5 if kv_dtype is None else 1e-4  # a bf16 cache value rounded the other way moves the logits more
+        for i in range(n):
+            tok = torch.tensor([(i * 977) % 6561])
+            want = step_logits(a, tok, sa, kv_bucket(S + i + 1, a.max_seq))
+            got = step.step_logits(b, tok, sb, 0)
+            assert got.shape == want.shape == (2, a.cfg.speech_vocab_size)
+            err = (got - want).abs().max().item()
+            assert err <= tol * want.abs().max().item(), (i, err)
+            for s in (sa, sb):
+                s.input_pos += 1
+                s.speech_pos += 1
+    for ca, cb in zip(_caches(a), _caches(b)):
+        assert ca.dtype == cb.dtype == (kv_dtype or torch.float32)
+        assert cb[:, :, S:S + n].abs().amax() > 0  # the fused step wrote its slots
+        rtol = 2 ** -7 if kv_dtype is not None else 1e-5  # one bf16 ulp: 2^-8 to 2^-7 relative
+        torch.testing.assert_close(cb[:, :, :S + n].float(), ca[:, :, :S + n].float(), rtol=rtol, atol=1e-5)
+        assert not cb[:, :, S + n:].any()  # and nothing past them
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_fused_generation_gives_the_same_tokens(fmt):
+    model = _model(fmt, torch.bfloat16 if fmt else None)
+    x = torch.randn(2, 10, model.cfg.dim, generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(max_new_tokens=48, min_p=0.0)
+    step = FusedDecodeStep(model)
+    with torch.inference_mode():
+        want = generate_tokens(model, x, params, generator=torch.Generator().manual_seed(5))
+        got = generate_tokens(model, x, params, generator=torch.Generator().manual_seed(5), step_fn=step)
+    assert want.shape[1] >= 2
+    assert torch.equal(got, want)
+
+
+def test_fused_step_refuses_what_it_cannot_run():
+    plain = tiny_t3(0)  # q/k/v not fused
+    assert "fused" in fused_step_unsupported(plain)
+    with pytest.raises(ValueError, match="must be fused"):
+        FusedDecodeStep(plain)
+    assert "not a T3" in fused_step_unsupported(torch.nn.Linear(2, 2))
+    half = tiny_t3(0).to(torch.bfloat16)
+    half.fuse_projections()
+    assert "fp32 activations" in fused_step_unsupported(half)
+    other = _model("int8", None)
+    step = FusedDecodeStep(_model("int8", None))
+    other.setup_caches(2, 32)
+    with pytest.raises(ValueError, match="another T3"):
+        step.step_logits(other, torch.tensor([1]), new_state(other, 4, 2, "cpu"), 0)
+
+
+def test_decode_layers_bad_inputs_give_clear_errors():
+    model = _model("int8", None)
+    model.setup_caches(2, 16)
+    step = FusedDecodeStep(model)
+    lay = model.tfmr.layers
+    kc = [m.self_attn.kv_cache.k_cache for m in lay]
+    vc = [m.self_attn.kv_cache.v_cache for m in lay]
+    x = torch.randn(2, model.cfg.dim)
+    op = torch.ops.chatterbox_fast.decode_layers
+    eps = model.cfg.norm_eps
+    with pytest.raises(RuntimeError, match="outside the 16-slot cache"):
+        op(x, step.weights, step.scales, step.norms, kc, vc, model.rope, torch.tensor([16]), eps)
+    with pytest.raises(RuntimeError, match="4 weights, 4 scales"):
+        op(x, step.weights[:-1], step.scales, step.norms, kc, vc, model.rope, torch.tensor([3]), eps)
+    with pytest.raises(RuntimeError, match="int8 weight needs"):
+        op(x, step.weights, [torch.empty(0)] * len(step.scales), step.norms, kc, vc, model.rope, torch.tensor([3]),
+           eps)
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        op(x.double(), step.weights, step.scales, step.norms, kc, vc, model.rope, torch.tensor([3]), eps)
+    with pytest.raises(RuntimeError, match="caches must be contiguous"):
+        op(x, step.weights, step.scales, step.norms, kc[:1] + [k.bfloat16() for k in kc[1:]], vc, model.rope,
+           torch.tensor([3]), eps)
