@@ -488,7 +488,8 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "decode_layers: x must be a contiguous (B, D) float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   const int64_t nl = static_cast<int64_t>(k_caches.size());
-  TORCH_CHECK(nl >= 1 && static_cast<int64_t>(v_caches.size()) == nl && static_cast<int64_t>(weights.size()) == 4 * nl &&
+  TORCH_CHECK(nl >= 1 && static_cast<int64_t>(v_caches.size()) == nl &&
+                  static_cast<int64_t>(weights.size()) == 4 * nl &&
                   static_cast<int64_t>(scales.size()) == 4 * nl && static_cast<int64_t>(norms.size()) == 2 * nl,
               "decode_layers: expected 4 weights, 4 scales, 2 norms and 2 caches per layer, got ", weights.size(), ", ",
               scales.size(), ", ", norms.size(), ", ", k_caches.size(), " + ", v_caches.size());
