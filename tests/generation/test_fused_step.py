@@ -133,3 +133,28 @@ def test_decode_layers_bad_inputs_give_clear_errors():
     with pytest.raises(RuntimeError, match="caches must be contiguous"):
         op(x, step.weights, step.scales, step.norms, kc[:1] + [k.bfloat16() for k in kc[1:]], vc, model.rope,
            torch.tensor([3]), eps)
+
+
+def test_fused_step_follows_reallocated_caches():
+    """The cache tensors are looked up once per allocation (T3.kv_cache_tensors): after release_caches and a
+    setup_caches of another size the step writes and reads the new caches, and the released ones are not kept."""
+    import weakref
+
+    model = _model("int8", None)
+    step = FusedDecodeStep(model)
+    x = torch.randn(2, 8, model.cfg.dim, generator=torch.Generator().manual_seed(4))
+    params = SamplingParams(max_new_tokens=12, min_p=0.0)
+    runs = []
+    for max_seq in (32, 64):
+        model.setup_caches(2, max_seq)
+        old = weakref.ref(model.tfmr.layers[0].self_attn.kv_cache.k_cache)
+        with torch.inference_mode():
+            runs.append(generate_tokens(model, x, params, generator=torch.Generator().manual_seed(1), step_fn=step))
+            want = generate_tokens(model, x, params, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(runs[-1], want)
+        assert model.kv_cache_tensors()[0][0] is model.tfmr.layers[0].self_attn.kv_cache.k_cache
+        model.release_caches()
+        assert old() is None  # nothing (the step, the model's lists) keeps a released cache alive
+        with pytest.raises(RuntimeError, match="setup_caches"):
+            model.kv_cache_tensors()
+    assert torch.equal(runs[0], runs[1])

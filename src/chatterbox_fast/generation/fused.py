@@ -15,8 +15,8 @@ are those of the module path up to fp32 summation order (RMSNorm's sum, FMA cont
 tests/generation/test_fused_step.py.
 
 Bound to one model: it holds references to the layer weights taken at construction (quantising or fusing the model
-afterwards needs a new step). The KV caches are looked up on every call, so `setup_caches` / `release_caches` are
-fine.
+afterwards needs a new step). The KV caches come from `T3.kv_cache_tensors()` on every call (rebuilt by the model
+after `setup_caches` / `release_caches`), so the step never keeps a released cache alive.
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ class FusedDecodeStep:
             raise ValueError(f"FusedDecodeStep: {reason}")
         self.model = model
         self.weights, self.scales, self.norms = layer_weights(model)
-
     def step_logits(self, model: T3, token: Tensor, state: DecodeState, kv_len: int) -> Tensor:
         """As decode.step_logits: token (1,) at state's positions -> raw speech logits (B, V) fp32. kv_len is
         unused (the kernel reads the cache slots <= state.input_pos)."""
@@ -99,10 +98,9 @@ class FusedDecodeStep:
             raise ValueError("this fused step belongs to another T3 instance")
         B, D = state.batch, model.cfg.dim
         x = model.speech_embed(token, state.speech_pos, B).reshape(B, D).contiguous()  # (B, D)
-        layers = model.tfmr.layers
-        h = torch.ops.chatterbox_fast.decode_layers(
-            x, self.weights, self.scales, self.norms, [lay.self_attn.kv_cache.k_cache for lay in layers],
-            [lay.self_attn.kv_cache.v_cache for lay in layers], model.rope, state.input_pos, model.cfg.norm_eps)
+        k_caches, v_caches = model.kv_cache_tensors()
+        h = torch.ops.chatterbox_fast.decode_layers(x, self.weights, self.scales, self.norms, k_caches, v_caches,
+                                                    model.rope, state.input_pos, model.cfg.norm_eps)
         return model.speech_logits(model.tfmr.norm(h))  # (B, V)
 
     def __call__(self, model: T3, token: Tensor, state: DecodeState, noise: Tensor, params: SamplingParams,
