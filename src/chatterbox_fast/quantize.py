@@ -32,6 +32,8 @@ Kernels (`Int8Linear.forward`):
   scale`, correct on every device. The float weight it makes is a temporary of one layer, freed after the call.
   (On CUDA, whether torch.compile fuses the int8 -> float conversion into the GEMM is not measured yet: in
   inductor's default mode the GEMM is an extern cuBLAS call, so the conversion is likely a kernel of its own.)
+The CPU engine's decode step calls the same kernel from inside `chatterbox_fast::decode_layers` (all layers in
+one call, generation/fused.py), so the forward above runs there for prefill and the module path only.
 fbgemm's dynamic int8 (`torch.ao.nn.quantized.dynamic.Linear`) is ~1.2x faster eager on the CPU measured (AVX-512
 VNNI, no native bf16; BENCHMARKS.md) but is not used: it quantises the activations too (per tensor, 7 bits: 2.2x
 the output error of one layer), torch has deprecated its quantised-tensor API, and its torchbind packed weights

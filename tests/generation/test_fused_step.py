@@ -82,11 +82,13 @@ def test_fused_step_matches_module_path(fmt, kv_dtype):
         assert not cb[:, :, S + n:].any()  # and nothing past them
 
 
-@pytest.mark.parametrize("fmt", [None, "int8"])
-def test_fused_generation_gives_the_same_tokens(fmt):
+@pytest.mark.parametrize("fmt,cfg_weight", [(None, 0.5), ("int8", 0.5), ("bf16", 0.0)])
+def test_fused_generation_gives_the_same_tokens(fmt, cfg_weight):
+    """Whole generations, same noise: identical tokens (batch 2 with CFG, batch 1 without)."""
     model = _model(fmt, torch.bfloat16 if fmt else None)
-    x = torch.randn(2, 10, model.cfg.dim, generator=torch.Generator().manual_seed(2))
-    params = SamplingParams(max_new_tokens=48, min_p=0.0)
+    batch = 2 if cfg_weight > 0 else 1
+    x = torch.randn(batch, 10, model.cfg.dim, generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(max_new_tokens=48, min_p=0.0, cfg_weight=cfg_weight)
     step = FusedDecodeStep(model)
     with torch.inference_mode():
         want = generate_tokens(model, x, params, generator=torch.Generator().manual_seed(5))
