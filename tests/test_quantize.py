@@ -162,6 +162,34 @@ def test_int8_linear_rejects_bias():
         Int8Linear.from_linear(nn.Linear(4, 4, bias=True))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 65])
+def test_packed_int8_linear_matches_row_major(rows):
+    """Int8Linear.pack_ (the fused CPU step's layout): the same outputs on every path: our kernel for decode-sized
+    inputs (bit-identical), the unpacked fallbacks for prefill-sized ones; dequantized_weight unchanged."""
+    torch.manual_seed(rows)
+    lin = Int8Linear.from_linear(nn.Linear(128, 24, bias=False))
+    packed = Int8Linear.from_linear(nn.Linear(128, 24, bias=False))
+    packed.load_state_dict(lin.state_dict())
+    assert packed.pack_() and packed.packed and not lin.packed and packed.pack_()  # idempotent
+    assert packed.weight_int8.shape == (3, 2, 8, 64) and "packed" in repr(packed)
+    assert torch.equal(packed.dequantized_weight(), lin.dequantized_weight())
+    x = torch.randn(rows, 128)
+    assert torch.equal(packed(x), lin(x))
+    odd = Int8Linear.from_linear(nn.Linear(100, 24, bias=False))  # K % 64 != 0: left row-major
+    assert not odd.pack_() and not odd.packed
+
+
+def test_pack_t3_int8_packs_every_layer_linear():
+    model = quantize_t3(_tiny())
+    x = torch.randn(2, 40, model.cfg.dim)  # 80 rows: above CPU_KERNEL_MAX_ROWS, the unpacked fallback
+    model.setup_caches(2, 48)
+    before = prefill(model, x)
+    assert qmod.pack_t3_int8(model) == model.cfg.n_layers * len(T3_INT8_TARGETS)
+    assert all(m.packed for m in model.modules() if isinstance(m, Int8Linear))
+    assert qmod.int8_linear_bytes(model) == qmod.int8_linear_bytes(quantize_t3(_tiny()))  # no copy kept
+    assert torch.equal(prefill(model, x), before)  # prefill (rows > 64) runs on an unpacked temporary
+
+
 # ---- quantize_t3 ----------------------------------------------------------------------------------------------
 def test_quantize_t3_replaces_exactly_the_layer_linears_and_frees_fp32():
     model = _tiny()

@@ -33,7 +33,9 @@ Kernels (`Int8Linear.forward`):
   (On CUDA, whether torch.compile fuses the int8 -> float conversion into the GEMM is not measured yet: in
   inductor's default mode the GEMM is an extern cuBLAS call, so the conversion is likely a kernel of its own.)
 The CPU engine's decode step calls the same kernel from inside `chatterbox_fast::decode_layers` (all layers in
-one call, generation/fused.py), so the forward above runs there for prefill and the module path only.
+one call, generation/fused.py), so the forward above runs there for prefill and the module path only. For that step
+the engine also packs the int8 weights (`pack_t3_int8`: each block of 8 rows stored line by line, one sequential
+stream for the kernel; 1.06-1.10x, bit-identical); the module path then unpacks a temporary copy for prefill.
 fbgemm's dynamic int8 (`torch.ao.nn.quantized.dynamic.Linear`) is ~1.2x faster eager on the CPU measured (AVX-512
 VNNI, no native bf16; BENCHMARKS.md) but is not used: it quantises the activations too (per tensor, 7 bits: 2.2x
 the output error of one layer), torch has deprecated its quantised-tensor API, and its torchbind packed weights
@@ -108,6 +110,26 @@ def quantize_weight_int8(w: Tensor, bf16_scales: bool = True) -> tuple[Tensor, T
     return q, scale
 
 
+PACK_ROWS, PACK_COLS = 8, 64  # the C++ kernel's block of output channels, and one 64-byte line of int8
+
+
+def pack_int8(w: Tensor) -> Tensor:
+    """(N, K) int8 -> (N / 8, K / 64, 8, 64): each block of 8 rows stored line by line, one 64-byte line of each row
+    in turn, so that the decode kernel reads a block as one sequential stream (kernels/cpu_linear.cpp,
+    `int8_linear_packed`; 1.06-1.10x the row-major layout on T3's shapes). Needs N % 8 == K % 64 == 0."""
+    N, K = w.shape
+    if w.dtype != torch.int8 or N % PACK_ROWS or K % PACK_COLS:
+        raise ValueError(f"pack_int8 needs an int8 (N, K) weight with N % {PACK_ROWS} == K % {PACK_COLS} == 0, got "
+                         f"{tuple(w.shape)} {w.dtype}")
+    return w.view(N // PACK_ROWS, PACK_ROWS, K // PACK_COLS, PACK_COLS).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_int8(w: Tensor) -> Tensor:
+    """The inverse of pack_int8: (N / 8, K / 64, 8, 64) -> (N, K) (a new tensor)."""
+    nb, nc, r, c = w.shape
+    return w.permute(0, 2, 1, 3).reshape(nb * r, nc * c)
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear with an int8 weight (N, K) and per-output-channel scales (N,); no float weight kept.
 
@@ -131,9 +153,29 @@ class Int8Linear(nn.Module):
         mod.weight_int8, mod.scale, mod.scale_bf16 = q, scale, scale.to(torch.bfloat16)
         return mod
 
+    @property
+    def packed(self) -> bool:
+        """True after `pack_()`: weight_int8 holds the (N / 8, K / 64, 8, 64) layout of `pack_int8`."""
+        return self.weight_int8.dim() == 4
+
+    def pack_(self) -> bool:
+        """Store the weight in the CPU decode kernel's packed layout (pack_int8), in place; False (and unchanged)
+        when the shape does not allow it. The CPU decode kernel then streams it faster; other paths unpack a
+        temporary copy per call (prefill, other devices)."""
+        if self.packed:
+            return True
+        if self.out_features % PACK_ROWS or self.in_features % PACK_COLS:
+            return False
+        self.weight_int8 = pack_int8(self.weight_int8)
+        return True
+
+    def row_major_weight(self) -> Tensor:
+        """The (N, K) int8 weight (unpacked into a new tensor if packed)."""
+        return unpack_int8(self.weight_int8) if self.packed else self.weight_int8
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight the int8 one stands for, (N, K): the reference for tests, not used in forward."""
-        return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
+        return self.row_major_weight().to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
@@ -141,16 +183,19 @@ class Int8Linear(nn.Module):
         rows = math.prod(lead)
         if _use_cpu_kernel(x, rows):
             x2 = x.reshape(rows, self.in_features).contiguous()  # (M, K)
-            y = torch.ops.chatterbox_fast.int8_linear(x2, self.weight_int8, self.scale)  # (M, N) fp32
+            op = torch.ops.chatterbox_fast.int8_linear_packed if self.packed else torch.ops.chatterbox_fast.int8_linear
+            y = op(x2, self.weight_int8, self.scale)  # (M, N) fp32
             return y.view(*lead, self.out_features)
+        w = self.row_major_weight()
         if _HAS_INT8PACK and x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_ROWS:
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale_bf16)  # (M, N) bf16
+            y = torch.ops.aten._weight_int8pack_mm(x2, w, self.scale_bf16)  # (M, N) bf16
             return y.to(x.dtype).view(*lead, self.out_features)
-        return F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+        return F.linear(x, w.to(x.dtype)) * self.scale.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8 per-channel"
+        packed = ", packed" if self.packed else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8 per-channel{packed}"
 
 
 class Bf16Linear(nn.Module):
@@ -373,6 +418,12 @@ def quantize_t3(model: T3, mode: str = "int8", release=None) -> T3:
                     release(lin.weight)
                 del lin
     return model
+
+
+def pack_t3_int8(model: T3) -> int:
+    """Pack every Int8Linear of T3's layers for the CPU decode kernel (Int8Linear.pack_), in place; returns how
+    many were packed. The engine does this when it decodes through the fused CPU step (generation/fused.py)."""
+    return sum(m.pack_() for m in model.tfmr.layers.modules() if isinstance(m, Int8Linear))
 
 
 def _buffer_bytes(model: nn.Module, types: tuple[type, ...]) -> int:

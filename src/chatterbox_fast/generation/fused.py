@@ -10,9 +10,8 @@ No compilation: nothing to warm up, and the same speed with `enable_compilation`
 
 It applies to T3 on the CPU with fp32 activations, fused q/k/v and gate/up projections (`T3.fuse_projections`, which
 `quantize_t3` does) and the C++ kernels built for AVX-512 or AVX2 (the portable build's plain loops would be slower
-than ATen's kernels); `fused_step_unsupported(model)` says why not otherwise. Its numbers
-are those of the module path up to fp32 summation order (RMSNorm's sum, FMA contraction in RoPE / SiLU):
-tests/generation/test_fused_step.py.
+than ATen's kernels); `fused_step_unsupported(model)` says why not otherwise. Its numbers are those of the module
+path up to fp32 summation order (RMSNorm's sum, FMA contraction in RoPE / SiLU): tests/generation/test_fused_step.py.
 
 Bound to one model: it holds references to the layer weights taken at construction (quantising or fusing the model
 afterwards needs a new step). The KV caches come from `T3.kv_cache_tensors()` on every call (rebuilt by the model
@@ -35,13 +34,15 @@ def _linear_weight(mod: nn.Module) -> tuple[Tensor, Tensor] | None:
     from ..quantize import Bf16Linear, Int8Linear
 
     empty = torch.empty(0)
-    if isinstance(mod, Int8Linear):
-        return mod.weight_int8, mod.scale
-    if isinstance(mod, Bf16Linear):
-        return mod.weight_bf16, empty
-    if type(mod) is nn.Linear and mod.bias is None and mod.weight.dtype == torch.float32:
-        return mod.weight, empty
-    return None
+    if isinstance(mod, Int8Linear):  # row-major (N, K) or packed (N / 8, K / 64, 8, 64): the kernel takes both
+        w, s = mod.weight_int8, mod.scale
+    elif isinstance(mod, Bf16Linear):
+        w, s = mod.weight_bf16, empty
+    elif type(mod) is nn.Linear and mod.bias is None and mod.weight.dtype == torch.float32:
+        w, s = mod.weight, empty
+    else:
+        return None
+    return (w, s) if w.is_contiguous() else None
 
 
 def fused_step_unsupported(model: T3) -> str | None:
@@ -60,7 +61,8 @@ def fused_step_unsupported(model: T3) -> str | None:
             return "q/k/v and gate/up must be fused (T3.fuse_projections or quantize_t3)"
         for mod in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
             if _linear_weight(mod) is None:
-                return f"unsupported layer linear {type(mod).__name__} (int8, bf16 or bias-free fp32 expected)"
+                return (f"unsupported layer linear {type(mod).__name__} (int8, bf16 or bias-free fp32 expected, "
+                        "contiguous)")
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if any(n.eps != model.cfg.norm_eps or n.weight.dtype != torch.float32 for n in norms):
             return "the layer norms must be fp32 with the config's eps"
