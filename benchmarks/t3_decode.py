@@ -55,7 +55,7 @@ from chatterbox_fast.generation.decode import kv_bucket, new_state, prefill, ste
 from chatterbox_fast.generation.fused import FusedDecodeStep  # noqa: E402
 from chatterbox_fast.generation.sampling import SamplingParams, exponential_noise  # noqa: E402
 from chatterbox_fast.models.t3 import T3, T3_KEYMAP  # noqa: E402
-from chatterbox_fast.quantize import pack_t3_int8  # noqa: E402
+from chatterbox_fast.quantize import pack_t3  # noqa: E402
 from chatterbox_fast.weights import load_strict, read_safetensors  # noqa: E402
 
 # mode name -> (torch.compile mode or "eager", freezing, dynamic[, extra inductor options])
@@ -169,7 +169,7 @@ class FusedAsStep(FusedDecodeStep):
     def __init__(self, model: T3):
         if model.tfmr.layers[0].self_attn.qkv_proj is None:
             model.fuse_projections()  # an fp32 model: the kernel takes fused q/k/v and gate/up
-        pack_t3_int8(model)  # as the engine does (int8 weights in the kernel's packed layout; other modes unpack)
+        pack_t3(model)  # as the engine does (int8 weights in the kernel's packed layout; other modes unpack)
         super().__init__(model)
 
     def _config(self):
@@ -345,7 +345,7 @@ def main(argv=None) -> None:
     model = load_ours(args.ckpt)
     if "fused" in args.modes:
         model.fuse_projections()  # before any mode compiles: every mode then runs the fused q/k/v and gate/up GEMMs
-        pack_t3_int8(model)  # (an int8 model: the packed layout for every mode, so nothing recompiles later)
+        pack_t3(model)  # (an int8 model: the packed layout for every mode, so nothing recompiles later)
     x = prefill_input(model, args.ckpt, args.text_len)
     S = x.shape[1]
     model.setup_caches(2, S + args.warmup + chunk * args.rounds + 2)

@@ -49,7 +49,7 @@ from chatterbox_fast.config import T3Config  # noqa: E402
 from chatterbox_fast.generation.sampling import SamplingParams, process_logits  # noqa: E402
 from chatterbox_fast.models.t3 import T3  # noqa: E402
 from chatterbox_fast.quantize import (Bf16Linear, Int8Linear, int8_linear_bytes, low_precision_linear_bytes,  # noqa: E402
-                                      pack_t3_int8, quantize_t3, quantize_weight_int8)
+                                      pack_t3, quantize_t3, quantize_weight_int8)
 
 NOTE = ("weights are random (oracle checkpoint, official shapes): speed is unaffected; drift on random weights is "
         "a weak proxy for drift on the released weights")
@@ -275,7 +275,7 @@ def run_decode(args, fp32: T3, int8: T3, x: torch.Tensor) -> dict:
     impls = {}
     runs = [("fp32 eager", fp32, "eager")] + [(f"{args.format} {m}", int8, m) for m in args.int8_modes]
     if "fused" in args.int8_modes:  # the engine's layout for the fused step, set before any mode compiles
-        pack_t3_int8(int8)
+        pack_t3(int8)
     for name, model, mode in runs:
         model.setup_caches(2, max_seq)
         o = t3_decode.Ours(model, mode, S, dargs)

@@ -128,22 +128,27 @@ def test_t3_decode_with_and_without_our_attention(ops, monkeypatch, kv_dtype):
 
 @pytest.mark.parametrize("m,n,k", [(2, 8, 64), (2, 48, 1024), (3, 16, 128), (1, 8, 256), (64, 24, 192)])
 def test_int8_linear_packed_equals_row_major(ops, m, n, k):
-    """The packed layout (quantize.pack_int8) gives bit-identical results: same products, same summation order."""
-    from chatterbox_fast.quantize import pack_int8, unpack_int8
+    """The packed layout (quantize.pack_weight) gives bit-identical results: same products, same summation order
+    (int8 and bf16 weights)."""
+    from chatterbox_fast.quantize import pack_weight, unpack_weight
 
     g = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(m, k, generator=g)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     s = torch.rand(n, generator=g)
-    p = pack_int8(w)
-    assert p.shape == (n // 8, k // 64, 8, 64) and torch.equal(unpack_int8(p), w)
+    p = pack_weight(w)
+    assert p.shape == (n // 8, k // 64, 8, 64) and torch.equal(unpack_weight(p), w)
     assert torch.equal(ops.int8_linear_packed(x, p, s), ops.int8_linear(x, w, s))
+    wb = torch.randn(n, k, generator=g).bfloat16()
+    pb = pack_weight(wb)
+    assert pb.shape == (n // 8, k // 32, 8, 32) and torch.equal(unpack_weight(pb), wb)
+    assert torch.equal(ops.bf16_linear_packed(x, pb), ops.bf16_linear(x, wb))
 
 
 def test_int8_linear_packed_bad_inputs(ops):
-    from chatterbox_fast.quantize import pack_int8
+    from chatterbox_fast.quantize import pack_weight
 
-    w = pack_int8(torch.zeros(16, 128, dtype=torch.int8))
+    w = pack_weight(torch.zeros(16, 128, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="K = 64"):
         ops.int8_linear_packed(torch.zeros(2, 64), w, torch.ones(16))
     with pytest.raises(RuntimeError, match="scale must be"):
@@ -151,7 +156,11 @@ def test_int8_linear_packed_bad_inputs(ops):
     with pytest.raises(RuntimeError, match="w must be"):
         ops.int8_linear_packed(torch.zeros(2, 128), torch.zeros(16, 128, dtype=torch.int8), torch.ones(16))
     with pytest.raises(ValueError, match="N % 8"):
-        pack_int8(torch.zeros(12, 128, dtype=torch.int8))
+        pack_weight(torch.zeros(12, 128, dtype=torch.int8))
+    with pytest.raises(ValueError, match="int8 or bfloat16"):
+        pack_weight(torch.zeros(16, 128))
+    with pytest.raises(RuntimeError, match="bf16_linear_packed: w must be"):
+        ops.bf16_linear_packed(torch.zeros(2, 64), pack_weight(torch.zeros(16, 128, dtype=torch.bfloat16)))
 
 
 def test_decode_attention_bad_inputs(ops):
@@ -345,9 +354,12 @@ def test_other_isa_builds_match_fp64(isa, tmp_path):
             s = torch.rand(n, generator=g)
             wb = torch.randn(n, k, generator=g).bfloat16()
             if n %% 8 == 0 and k %% 64 == 0:
-                from chatterbox_fast.quantize import pack_int8
-                assert torch.equal(torch.ops.chatterbox_fast.int8_linear_packed(x, pack_int8(w), s),
+                from chatterbox_fast.quantize import pack_weight
+                assert torch.equal(torch.ops.chatterbox_fast.int8_linear_packed(x, pack_weight(w), s),
                                    torch.ops.chatterbox_fast.int8_linear(x, w, s))
+                wb = w.bfloat16()
+                assert torch.equal(torch.ops.chatterbox_fast.bf16_linear_packed(x, pack_weight(wb)),
+                                   torch.ops.chatterbox_fast.bf16_linear(x, wb))
             for y, w64 in [(torch.ops.chatterbox_fast.int8_linear(x, w, s), w.double() * s.double()[:, None]),
                            (torch.ops.chatterbox_fast.bf16_linear(x, wb), wb.double())]:
                 ref = x.double() @ w64.T
@@ -395,8 +407,8 @@ def test_other_isa_builds_match_fp64(isa, tmp_path):
             torch.nn.init.normal_(p, std=0.2)
         quantize_t3(a, "int8")
         b = copy.deepcopy(a)
-        from chatterbox_fast.quantize import pack_t3_int8
-        assert pack_t3_int8(b) == 4 * T3Config.tiny().n_layers  # the fused step's layout
+        from chatterbox_fast.quantize import pack_t3
+        assert pack_t3(b) == 4 * T3Config.tiny().n_layers  # the fused step's layout
         x = torch.randn(2, 9, a.cfg.dim, generator=g)
         with torch.inference_mode():
             for m in (a, b):

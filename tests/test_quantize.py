@@ -177,14 +177,20 @@ def test_packed_int8_linear_matches_row_major(rows):
     assert torch.equal(packed(x), lin(x))
     odd = Int8Linear.from_linear(nn.Linear(100, 24, bias=False))  # K % 64 != 0: left row-major
     assert not odd.pack_() and not odd.packed
+    b = Bf16Linear.from_linear(nn.Linear(96, 16, bias=False))  # bf16: lines of 32 columns
+    pb = Bf16Linear.from_linear(nn.Linear(96, 16, bias=False))
+    pb.load_state_dict(b.state_dict())
+    assert pb.pack_() and pb.weight_bf16.shape == (2, 3, 8, 32) and "packed" in repr(pb)
+    xb = torch.randn(rows, 96)
+    assert torch.equal(pb(xb), b(xb))
 
 
-def test_pack_t3_int8_packs_every_layer_linear():
+def test_pack_t3_packs_every_layer_linear():
     model = quantize_t3(_tiny())
     x = torch.randn(2, 40, model.cfg.dim)  # 80 rows: above CPU_KERNEL_MAX_ROWS, the unpacked fallback
     model.setup_caches(2, 48)
     before = prefill(model, x)
-    assert qmod.pack_t3_int8(model) == model.cfg.n_layers * len(T3_INT8_TARGETS)
+    assert qmod.pack_t3(model) == model.cfg.n_layers * len(T3_INT8_TARGETS)
     assert all(m.packed for m in model.modules() if isinstance(m, Int8Linear))
     assert qmod.int8_linear_bytes(model) == qmod.int8_linear_bytes(quantize_t3(_tiny()))  # no copy kept
     assert torch.equal(prefill(model, x), before)  # prefill (rows > 64) runs on an unpacked temporary

@@ -256,7 +256,7 @@ class OptimizedChatterboxTTS:
         """CPU: T3's layers in one C++ call per token (generation/fused.py; measured 1.1-1.4x faster than the
         compiled step, BENCHMARKS.md), when the kernels are built and the layers fit; else None (module path)."""
         from .generation.fused import FusedDecodeStep, fused_step_unsupported
-        from .quantize import pack_t3_int8
+        from .quantize import pack_t3
 
         attn = self.t3.tfmr.layers[0].self_attn
         if cpu_kernels.available() and attn.qkv_proj is None and type(attn.q_proj) is torch.nn.Linear:
@@ -267,7 +267,7 @@ class OptimizedChatterboxTTS:
         if reason is not None:
             logger.info("fused CPU decode step not used: %s", reason)
             return None
-        pack_t3_int8(self.t3)  # int8: the kernel's packed layout (one sequential stream per block of rows)
+        pack_t3(self.t3)  # int8 / bf16: the kernel's packed layout (one sequential stream per block of rows)
         return FusedDecodeStep(self.t3)
 
     def _compile_decode(self):

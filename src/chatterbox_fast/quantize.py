@@ -34,7 +34,7 @@ Kernels (`Int8Linear.forward`):
   inductor's default mode the GEMM is an extern cuBLAS call, so the conversion is likely a kernel of its own.)
 The CPU engine's decode step calls the same kernel from inside `chatterbox_fast::decode_layers` (all layers in
 one call, generation/fused.py), so the forward above runs there for prefill and the module path only. For that step
-the engine also packs the int8 weights (`pack_t3_int8`: each block of 8 rows stored line by line, one sequential
+the engine also packs the int8 / bf16 weights (`pack_t3`: each block of 8 rows stored line by line, one sequential
 stream for the kernel; 1.06-1.10x, bit-identical); the module path then unpacks a temporary copy for prefill.
 fbgemm's dynamic int8 (`torch.ao.nn.quantized.dynamic.Linear`) is ~1.2x faster eager on the CPU measured (AVX-512
 VNNI, no native bf16; BENCHMARKS.md) but is not used: it quantises the activations too (per tensor, 7 bits: 2.2x
@@ -110,24 +110,35 @@ def quantize_weight_int8(w: Tensor, bf16_scales: bool = True) -> tuple[Tensor, T
     return q, scale
 
 
-PACK_ROWS, PACK_COLS = 8, 64  # the C++ kernel's block of output channels, and one 64-byte line of int8
+PACK_ROWS, PACK_LINE = 8, 64  # the C++ kernel's block of output channels, and one cache line (bytes)
 
 
-def pack_int8(w: Tensor) -> Tensor:
-    """(N, K) int8 -> (N / 8, K / 64, 8, 64): each block of 8 rows stored line by line, one 64-byte line of each row
-    in turn, so that the decode kernel reads a block as one sequential stream (kernels/cpu_linear.cpp,
-    `int8_linear_packed`; 1.06-1.10x the row-major layout on T3's shapes). Needs N % 8 == K % 64 == 0."""
+def _pack_cols(w: Tensor) -> int:
+    return PACK_LINE // w.element_size()  # columns per line: 64 int8, 32 bf16
+
+
+def pack_weight(w: Tensor) -> Tensor:
+    """(N, K) int8 or bf16 -> (N / 8, K / c, 8, c), c = one 64-byte line (64 int8, 32 bf16): each block of 8 rows
+    stored line by line, one line of each row in turn, so that the decode kernel reads a block as one sequential
+    stream (kernels/cpu_linear.cpp, `int8_linear_packed` / `bf16_linear_packed`: 1.06-1.10x the row-major layout on
+    T3's int8 shapes; bit-identical results). Needs N % 8 == K % c == 0."""
+    if w.dim() != 2 or w.dtype not in (torch.int8, torch.bfloat16):
+        raise ValueError(f"pack_weight needs an int8 or bfloat16 (N, K) weight, got {tuple(w.shape)} {w.dtype}")
     N, K = w.shape
-    if w.dtype != torch.int8 or N % PACK_ROWS or K % PACK_COLS:
-        raise ValueError(f"pack_int8 needs an int8 (N, K) weight with N % {PACK_ROWS} == K % {PACK_COLS} == 0, got "
-                         f"{tuple(w.shape)} {w.dtype}")
-    return w.view(N // PACK_ROWS, PACK_ROWS, K // PACK_COLS, PACK_COLS).permute(0, 2, 1, 3).contiguous()
+    c = _pack_cols(w)
+    if N % PACK_ROWS or K % c:
+        raise ValueError(f"pack_weight needs N % {PACK_ROWS} == K % {c} == 0, got {tuple(w.shape)} {w.dtype}")
+    return w.view(N // PACK_ROWS, PACK_ROWS, K // c, c).permute(0, 2, 1, 3).contiguous()
 
 
-def unpack_int8(w: Tensor) -> Tensor:
-    """The inverse of pack_int8: (N / 8, K / 64, 8, 64) -> (N, K) (a new tensor)."""
+def unpack_weight(w: Tensor) -> Tensor:
+    """The inverse of pack_weight: (N / 8, K / c, 8, c) -> (N, K) (a new tensor)."""
     nb, nc, r, c = w.shape
     return w.permute(0, 2, 1, 3).reshape(nb * r, nc * c)
+
+
+def _can_pack(mod: nn.Module, dtype: torch.dtype) -> bool:
+    return mod.out_features % PACK_ROWS == 0 and mod.in_features % (PACK_LINE // dtype.itemsize) == 0
 
 
 class Int8Linear(nn.Module):
@@ -155,23 +166,23 @@ class Int8Linear(nn.Module):
 
     @property
     def packed(self) -> bool:
-        """True after `pack_()`: weight_int8 holds the (N / 8, K / 64, 8, 64) layout of `pack_int8`."""
+        """True after `pack_()`: weight_int8 holds the (N / 8, K / 64, 8, 64) layout of `pack_weight`."""
         return self.weight_int8.dim() == 4
 
     def pack_(self) -> bool:
-        """Store the weight in the CPU decode kernel's packed layout (pack_int8), in place; False (and unchanged)
+        """Store the weight in the CPU decode kernel's packed layout (pack_weight), in place; False (and unchanged)
         when the shape does not allow it. The CPU decode kernel then streams it faster; other paths unpack a
         temporary copy per call (prefill, other devices)."""
         if self.packed:
             return True
-        if self.out_features % PACK_ROWS or self.in_features % PACK_COLS:
+        if not _can_pack(self, torch.int8):
             return False
-        self.weight_int8 = pack_int8(self.weight_int8)
+        self.weight_int8 = pack_weight(self.weight_int8)
         return True
 
     def row_major_weight(self) -> Tensor:
         """The (N, K) int8 weight (unpacked into a new tensor if packed)."""
-        return unpack_int8(self.weight_int8) if self.packed else self.weight_int8
+        return unpack_weight(self.weight_int8) if self.packed else self.weight_int8
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight the int8 one stands for, (N, K): the reference for tests, not used in forward."""
@@ -221,18 +232,37 @@ class Bf16Linear(nn.Module):
         mod.weight_bf16 = linear.weight.detach().to(torch.bfloat16).contiguous()
         return mod
 
+    @property
+    def packed(self) -> bool:
+        """True after `pack_()`: weight_bf16 holds the (N / 8, K / 32, 8, 32) layout of `pack_weight`."""
+        return self.weight_bf16.dim() == 4
+
+    def pack_(self) -> bool:
+        """As Int8Linear.pack_: the CPU decode kernel's packed layout, in place; False when the shape forbids it."""
+        if self.packed:
+            return True
+        if not _can_pack(self, torch.bfloat16):
+            return False
+        self.weight_bf16 = pack_weight(self.weight_bf16)
+        return True
+
+    def row_major_weight(self) -> Tensor:
+        """The (N, K) bf16 weight (unpacked into a new tensor if packed)."""
+        return unpack_weight(self.weight_bf16) if self.packed else self.weight_bf16
+
     def forward(self, x: Tensor) -> Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
         lead = x.shape[:-1]
         rows = math.prod(lead)
         if _use_cpu_kernel(x, rows):
-            y = torch.ops.chatterbox_fast.bf16_linear(x.reshape(rows, self.in_features).contiguous(),
-                                                      self.weight_bf16)  # (M, N) fp32
+            op = torch.ops.chatterbox_fast.bf16_linear_packed if self.packed else torch.ops.chatterbox_fast.bf16_linear
+            y = op(x.reshape(rows, self.in_features).contiguous(), self.weight_bf16)  # (M, N) fp32
             return y.view(*lead, self.out_features)
-        return F.linear(x, self.weight_bf16.to(x.dtype))
+        return F.linear(x, self.row_major_weight().to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight=bf16"
+        packed = ", packed" if self.packed else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=bf16{packed}"
 
 
 _LINEAR_TYPES = {"int8": Int8Linear, "bf16": Bf16Linear}
@@ -420,10 +450,10 @@ def quantize_t3(model: T3, mode: str = "int8", release=None) -> T3:
     return model
 
 
-def pack_t3_int8(model: T3) -> int:
-    """Pack every Int8Linear of T3's layers for the CPU decode kernel (Int8Linear.pack_), in place; returns how
-    many were packed. The engine does this when it decodes through the fused CPU step (generation/fused.py)."""
-    return sum(m.pack_() for m in model.tfmr.layers.modules() if isinstance(m, Int8Linear))
+def pack_t3(model: T3) -> int:
+    """Pack every Int8Linear / Bf16Linear of T3's layers for the CPU decode kernel (`pack_()`), in place; returns
+    how many were packed. The engine does this when it decodes through the fused CPU step (generation/fused.py)."""
+    return sum(m.pack_() for m in model.tfmr.layers.modules() if isinstance(m, (Int8Linear, Bf16Linear)))
 
 
 def _buffer_bytes(model: nn.Module, types: tuple[type, ...]) -> int:

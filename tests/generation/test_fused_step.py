@@ -20,7 +20,7 @@ from chatterbox_fast import kernels
 from chatterbox_fast.generation.decode import generate_tokens, kv_bucket, new_state, prefill, step_logits
 from chatterbox_fast.generation.fused import FusedDecodeStep, fused_step_unsupported
 from chatterbox_fast.generation.sampling import SamplingParams
-from chatterbox_fast.quantize import pack_t3_int8, quantize_t3
+from chatterbox_fast.quantize import pack_t3, quantize_t3
 
 from helpers import tiny_t3
 
@@ -35,14 +35,14 @@ def ops():
 
 
 def _model(fmt: str | None, kv_dtype) -> torch.nn.Module:
-    """fmt: None (fp32), "int8", "int8-packed" (the engine's layout for the fused step) or "bf16"."""
+    """fmt: None (fp32), "int8", "bf16", or either + "-packed" (the engine's layout for the fused step)."""
     model = tiny_t3(0)
     if fmt is None:
         model.fuse_projections()
     else:
         quantize_t3(model, fmt.removesuffix("-packed"))
         if fmt.endswith("-packed"):
-            assert pack_t3_int8(model) == 4 * model.cfg.n_layers
+            assert pack_t3(model) == 4 * model.cfg.n_layers
     model.kv_dtype = kv_dtype
     return model
 
@@ -52,7 +52,7 @@ def _caches(model):
 
 
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("fmt", [None, "int8", "int8-packed", "bf16"])
+@pytest.mark.parametrize("fmt", [None, "int8", "int8-packed", "bf16", "bf16-packed"])
 def test_fused_step_matches_module_path(fmt, kv_dtype):
     """Teacher-forced: 40 steps from position 12 on two copies of one model, module path vs fused: logits and the
     KV cache slots each writes."""
@@ -85,7 +85,7 @@ def test_fused_step_matches_module_path(fmt, kv_dtype):
         assert not cb[:, :, S + n:].any()  # and nothing past them
 
 
-@pytest.mark.parametrize("fmt,cfg_weight", [(None, 0.5), ("int8-packed", 0.5), ("bf16", 0.0)])
+@pytest.mark.parametrize("fmt,cfg_weight", [(None, 0.5), ("int8-packed", 0.5), ("bf16-packed", 0.0)])
 def test_fused_generation_gives_the_same_tokens(fmt, cfg_weight):
     """Whole generations, same noise: identical tokens (batch 2 with CFG, batch 1 without)."""
     model = _model(fmt, torch.bfloat16 if fmt else None)

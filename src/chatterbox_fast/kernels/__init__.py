@@ -12,7 +12,8 @@ Ops, registered by the shared library (TORCH_LIBRARY, so the dispatcher calls th
 them in one graph as extern calls; fake implementations below give their output shapes):
 - `torch.ops.chatterbox_fast.int8_linear(x (M, K) f32, w (N, K) int8, scale (N,) f32) -> (M, N) f32`
 - `torch.ops.chatterbox_fast.int8_linear_packed(x, w (N / 8, K / 64, 8, 64) int8, scale)`: the same on a weight in
-  `quantize.pack_int8`'s layout (one sequential stream per block of 8 rows; bit-identical results)
+  `quantize.pack_weight`'s layout (one sequential stream per block of 8 rows; bit-identical results);
+  `bf16_linear_packed(x, w (N / 8, K / 32, 8, 32) bf16)` likewise
 - `torch.ops.chatterbox_fast.bf16_linear(x (M, K) f32, w (N, K) bf16) -> (M, N) f32`
 Both accumulate in fp32 over fp32 activations: the only rounding is the stored weight's.
 - `torch.ops.chatterbox_fast.decode_attention(q (B, H, 1, D), k_cache, v_cache (B, H, S, D), input_pos (1,), scale)
@@ -149,6 +150,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("chatterbox_fast::bf16_linear")
     def _bf16_linear_fake(x, w):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("chatterbox_fast::bf16_linear_packed")
+    def _bf16_linear_packed_fake(x, w):
+        return x.new_empty((x.shape[0], w.shape[0] * w.shape[2]))
 
     @torch.library.register_fake("chatterbox_fast::decode_attention")
     def _decode_attention_fake(q, k_cache, v_cache, input_pos, scale):

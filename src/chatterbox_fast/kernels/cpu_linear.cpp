@@ -269,8 +269,8 @@ void linear_kernel(const float* x, const typename W::T* w, const float* scale, f
   });
 }
 
-// Packed weights (int8, `quantize.pack_int8`): the NB rows of a block stored chunk by chunk, one 64-byte line of
-// each row in turn, w[((b * (K / LINE) + c) * NB + j) * LINE + e] = row b * NB + j, element c * LINE + e. A block is
+// Packed weights (int8 or bf16, `quantize.pack_weight`): the NB rows of a block stored chunk by chunk, one 64-byte
+// line of each row in turn, w[((b * (K / LINE) + c) * NB + j) * LINE + e] = row b * NB + j, element c * LINE + e. A block is
 // then one sequential stream (8 rows of 1-4 KB interleaved otherwise: several streams that cross a 4 KB page every
 // few lines), prefetched PACKED_PREFETCH bytes ahead: 1.06-1.10x the row-major kernel on T3's int8 shapes at batch 2
 // (measured, 2 threads; 256 bytes ahead was slower, 4-8 KB best). Same summation order: bit-identical outputs.
@@ -478,12 +478,13 @@ struct Lin {  // one linear's weight (N, K): int8 with per-channel scales (row-m
 
 Lin make_lin(const at::Tensor& w, const at::Tensor& s, int64_t N, int64_t K, const char* what, int64_t layer) {
   const at::ScalarType t = w.scalar_type();
-  const bool packed = w.dim() == 4;  // int8 packed (N / NB, K / 64, NB, 64)
+  const bool packed = w.dim() == 4;  // packed (N / NB, K / c, NB, c), c = 64 int8 or 32 bf16 (one 64-byte line)
   if (packed) {
-    TORCH_CHECK(w.device().is_cpu() && t == at::kChar && w.is_contiguous() && w.size(0) * NB == N &&
-                    w.size(1) * 64 == K && w.size(2) == NB && w.size(3) == 64,
-                "decode_layers: layer ", layer, " ", what, " packed weight must be a contiguous (", N / NB, ", ",
-                K / 64, ", ", NB, ", 64) int8 CPU tensor, got ", w.sizes(), " ", t);
+    const int64_t c = t == at::kBFloat16 ? 32 : 64;
+    TORCH_CHECK(w.device().is_cpu() && (t == at::kChar || t == at::kBFloat16) && w.is_contiguous() &&
+                    w.size(0) * NB == N && w.size(1) * c == K && w.size(2) == NB && w.size(3) == c,
+                "decode_layers: layer ", layer, " ", what, " packed weight must be a contiguous (", N / NB, ", ", K / c,
+                ", ", NB, ", ", c, ") int8 (c = 64) or bfloat16 (c = 32) CPU tensor, got ", w.sizes(), " ", t);
   }
   TORCH_CHECK(packed || (w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
                   (t == at::kChar || t == at::kBFloat16 || t == at::kFloat) && w.size(0) == N && w.size(1) == K),
@@ -502,8 +503,10 @@ Lin make_lin(const at::Tensor& w, const at::Tensor& s, int64_t N, int64_t K, con
 }
 
 void linear(const Lin& l, const float* x, float* y, int64_t M) {
-  if (l.packed) {
+  if (l.packed && l.t == at::kChar) {
     linear_kernel_packed<Int8Weight>(x, static_cast<const int8_t*>(l.w), l.s, y, M, l.N, l.K);
+  } else if (l.packed) {
+    linear_kernel_packed<Bf16Weight>(x, static_cast<const uint16_t*>(l.w), nullptr, y, M, l.N, l.K);
   } else if (l.t == at::kChar) {
     linear_kernel<Int8Weight>(x, static_cast<const int8_t*>(l.w), l.s, y, M, l.N, l.K);
   } else if (l.t == at::kBFloat16) {
@@ -1315,7 +1318,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-// w packed (N / NB, K / 64, NB, 64) int8 (quantize.pack_int8); the same result as int8_linear on the row-major w
+// w packed (N / NB, K / 64, NB, 64) int8 (quantize.pack_weight); the same result as int8_linear on the row-major w
 at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat &&
                   x.is_contiguous(),
@@ -1332,6 +1335,23 @@ at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& w, const at
   at::Tensor y = at::empty({M, N}, x.options());
   linear_kernel_packed<Int8Weight>(x.data_ptr<float>(), static_cast<const int8_t*>(w.data_ptr()),
                                    scale.data_ptr<float>(), y.data_ptr<float>(), M, N, K);
+  return y;
+}
+
+// w packed (N / NB, K / 32, NB, 32) bf16 (quantize.pack_weight); the same result as bf16_linear on the row-major w
+at::Tensor bf16_linear_packed(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat &&
+                  x.is_contiguous(),
+              "bf16_linear_packed: x must be a contiguous (M, K) float32 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(2) == NB &&
+                  w.size(3) == 32 && w.size(1) * 32 == x.size(1),
+              "bf16_linear_packed: w must be a contiguous (N / ", NB, ", K / 32, ", NB,
+              ", 32) bfloat16 tensor with K = ", x.size(1), ", got ", w.sizes(), " ", w.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * NB;
+  at::Tensor y = at::empty({M, N}, x.options());
+  linear_kernel_packed<Bf16Weight>(x.data_ptr<float>(), static_cast<const uint16_t*>(w.data_ptr()), nullptr,
+                                   y.data_ptr<float>(), M, N, K);
   return y;
 }
 
@@ -1433,6 +1453,7 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int8_linear_packed(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("bf16_linear_packed(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale) -> Tensor");
   m.def("full_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("full_attention_int8(Tensor q, Tensor k, Tensor v, float scale, bool force_portable=False) -> Tensor");
@@ -1447,6 +1468,7 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int8_linear_packed", &int8_linear_packed);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("bf16_linear_packed", &bf16_linear_packed);
   m.impl("decode_attention", &decode_attention);
   m.impl("full_attention", &full_attention);
   m.impl("full_attention_int8", &full_attention_int8);
