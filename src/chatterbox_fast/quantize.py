@@ -137,16 +137,43 @@ def unpack_weight(w: Tensor) -> Tensor:
     return w.permute(0, 2, 1, 3).reshape(nb * r, nc * c)
 
 
-def _can_pack(mod: nn.Module, dtype: torch.dtype) -> bool:
-    return mod.out_features % PACK_ROWS == 0 and mod.in_features % (PACK_LINE // dtype.itemsize) == 0
+class _PackableWeight:
+    """`packed` / `pack_()` / `row_major_weight()` for a linear whose weight buffer (named by `_weight_name`) may be
+    stored in pack_weight's layout, the fused CPU decode step's (one sequential stream per block of rows). Packing
+    is in place and keeps no row-major copy; paths other than the CPU decode kernel unpack a temporary per call."""
+
+    _weight_name = ""
+
+    @property
+    def packed(self) -> bool:
+        """True after `pack_()`: the weight holds the (N / 8, K / c, 8, c) layout of `pack_weight`."""
+        return getattr(self, self._weight_name).dim() == 4
+
+    def pack_(self) -> bool:
+        """Store the weight in the packed layout, in place (idempotent); False (and unchanged) when its shape does
+        not allow it (N % 8, or K % one line's columns)."""
+        if self.packed:
+            return True
+        w = getattr(self, self._weight_name)
+        if w.shape[0] % PACK_ROWS or w.shape[1] % _pack_cols(w):
+            return False
+        setattr(self, self._weight_name, pack_weight(w))
+        return True
+
+    def row_major_weight(self) -> Tensor:
+        """The (N, K) weight (unpacked into a new tensor if packed)."""
+        w = getattr(self, self._weight_name)
+        return unpack_weight(w) if self.packed else w
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_PackableWeight, nn.Module):
     """A bias-free linear with an int8 weight (N, K) and per-output-channel scales (N,); no float weight kept.
 
     `scale` holds bf16-representable values in fp32 (the fallback's multiplier); `scale_bf16` is the same values in
     bf16, the copy the CPU kernel takes (scales in the activation dtype), precomputed so the forward has no extra op.
     """
+
+    _weight_name = "weight_int8"
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
@@ -163,26 +190,6 @@ class Int8Linear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, device="meta")
         mod.weight_int8, mod.scale, mod.scale_bf16 = q, scale, scale.to(torch.bfloat16)
         return mod
-
-    @property
-    def packed(self) -> bool:
-        """True after `pack_()`: weight_int8 holds the (N / 8, K / 64, 8, 64) layout of `pack_weight`."""
-        return self.weight_int8.dim() == 4
-
-    def pack_(self) -> bool:
-        """Store the weight in the CPU decode kernel's packed layout (pack_weight), in place; False (and unchanged)
-        when the shape does not allow it. The CPU decode kernel then streams it faster; other paths unpack a
-        temporary copy per call (prefill, other devices)."""
-        if self.packed:
-            return True
-        if not _can_pack(self, torch.int8):
-            return False
-        self.weight_int8 = pack_weight(self.weight_int8)
-        return True
-
-    def row_major_weight(self) -> Tensor:
-        """The (N, K) int8 weight (unpacked into a new tensor if packed)."""
-        return unpack_weight(self.weight_int8) if self.packed else self.weight_int8
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight the int8 one stands for, (N, K): the reference for tests, not used in forward."""
@@ -209,7 +216,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8 per-channel{packed}"
 
 
-class Bf16Linear(nn.Module):
+class Bf16Linear(_PackableWeight, nn.Module):
     """A bias-free linear whose weight (N, K) is stored in bf16 and used with fp32 math (weight-only bf16).
 
     On the CPU this halves the bytes a decode step reads (1.0 GB instead of 2.0 GB for T3's layers) while the
@@ -217,6 +224,8 @@ class Bf16Linear(nn.Module):
     (<= CPU_KERNEL_MAX_ROWS rows, fp32) run our C++ kernel `chatterbox_fast::bf16_linear`; anything else (prefill,
     no kernel, another device) `F.linear` with the weight widened for the call (exact, but a temporary copy).
     """
+
+    _weight_name = "weight_bf16"
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
@@ -231,24 +240,6 @@ class Bf16Linear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, device="meta")
         mod.weight_bf16 = linear.weight.detach().to(torch.bfloat16).contiguous()
         return mod
-
-    @property
-    def packed(self) -> bool:
-        """True after `pack_()`: weight_bf16 holds the (N / 8, K / 32, 8, 32) layout of `pack_weight`."""
-        return self.weight_bf16.dim() == 4
-
-    def pack_(self) -> bool:
-        """As Int8Linear.pack_: the CPU decode kernel's packed layout, in place; False when the shape forbids it."""
-        if self.packed:
-            return True
-        if not _can_pack(self, torch.bfloat16):
-            return False
-        self.weight_bf16 = pack_weight(self.weight_bf16)
-        return True
-
-    def row_major_weight(self) -> Tensor:
-        """The (N, K) bf16 weight (unpacked into a new tensor if packed)."""
-        return unpack_weight(self.weight_bf16) if self.packed else self.weight_bf16
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., K) -> (..., N) in x's dtype."""

@@ -1318,16 +1318,20 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-// w packed (N / NB, K / 64, NB, 64) int8 (quantize.pack_weight); the same result as int8_linear on the row-major w
-at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+// x (M, K) float32 and a packed weight (N / NB, K / c, NB, c) of dtype wdtype (c = one 64-byte line of it)
+void check_packed(const at::Tensor& x, const at::Tensor& w, at::ScalarType wdtype, int64_t c, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat &&
                   x.is_contiguous(),
-              "int8_linear_packed: x must be a contiguous (M, K) float32 CPU tensor, got ", x.sizes(), " ",
-              x.scalar_type());
-  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(2) == NB &&
-                  w.size(3) == 64 && w.size(1) * 64 == x.size(1),
-              "int8_linear_packed: w must be a contiguous (N / ", NB, ", K / 64, ", NB, ", 64) int8 tensor with K = ",
-              x.size(1), ", got ", w.sizes(), " ", w.scalar_type());
+              op, ": x must be a contiguous (M, K) float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == wdtype && w.is_contiguous() && w.size(2) == NB && w.size(3) == c &&
+                  w.size(1) * c == x.size(1),
+              op, ": w must be a contiguous (N / ", NB, ", K / ", c, ", ", NB, ", ", c, ") ", wdtype,
+              " tensor with K = ", x.size(1), ", got ", w.sizes(), " ", w.scalar_type());
+}
+
+// w packed (N / NB, K / 64, NB, 64) int8 (quantize.pack_weight); the same result as int8_linear on the row-major w
+at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  check_packed(x, w, at::kChar, 64, "int8_linear_packed");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * NB;
   TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == N &&
                   scale.device().is_cpu(),
@@ -1340,14 +1344,7 @@ at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& w, const at
 
 // w packed (N / NB, K / 32, NB, 32) bf16 (quantize.pack_weight); the same result as bf16_linear on the row-major w
 at::Tensor bf16_linear_packed(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat &&
-                  x.is_contiguous(),
-              "bf16_linear_packed: x must be a contiguous (M, K) float32 CPU tensor, got ", x.sizes(), " ",
-              x.scalar_type());
-  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(2) == NB &&
-                  w.size(3) == 32 && w.size(1) * 32 == x.size(1),
-              "bf16_linear_packed: w must be a contiguous (N / ", NB, ", K / 32, ", NB,
-              ", 32) bfloat16 tensor with K = ", x.size(1), ", got ", w.sizes(), " ", w.scalar_type());
+  check_packed(x, w, at::kBFloat16, 32, "bf16_linear_packed");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * NB;
   at::Tensor y = at::empty({M, N}, x.options());
   linear_kernel_packed<Bf16Weight>(x.data_ptr<float>(), static_cast<const uint16_t*>(w.data_ptr()), nullptr,
