@@ -270,9 +270,9 @@ void linear_kernel(const float* x, const typename W::T* w, const float* scale, f
 }
 
 // Packed weights (int8 or bf16, `quantize.pack_weight`): the NB rows of a block stored chunk by chunk, one 64-byte
-// line of each row in turn, w[((b * (K / LINE) + c) * NB + j) * LINE + e] = row b * NB + j, element c * LINE + e. A block is
-// then one sequential stream (8 rows of 1-4 KB interleaved otherwise: several streams that cross a 4 KB page every
-// few lines), prefetched PACKED_PREFETCH bytes ahead: 1.06-1.10x the row-major kernel on T3's int8 shapes at batch 2
+// line of each row in turn, w[((b * (K / LINE) + c) * NB + j) * LINE + e] = row b * NB + j, element c * LINE + e.
+// A block is then one sequential stream (8 rows of 1-4 KB interleaved otherwise: several streams that cross a 4 KB
+// page every few lines), prefetched PACKED_PREFETCH bytes ahead: 1.06-1.10x the row-major kernel on T3's int8 shapes at batch 2
 // (measured, 2 threads; 256 bytes ahead was slower, 4-8 KB best). Same summation order: bit-identical outputs.
 constexpr int64_t PACKED_PREFETCH = 4096;
 
@@ -413,6 +413,33 @@ void attend_one(const float* q, const typename C::T* k, const typename C::T* v, 
     for (int64_t d = 0; d < D; ++d) out[d] += sc[t] * C::load1(v + t * D + d);
   for (int64_t d = 0; d < D; ++d) out[d] /= sum;
 }
+
+// every (batch, head) g < B * H over the ATen pool: q rows at q + b * q_sb + h * q_sh, out rows likewise (y_sb,
+// y_sh), caches (B, H, S, D) contiguous of dtype cdt (fp32 or bf16), the first n slots; q scaled by qscale first
+void attend_heads(const float* q, int64_t q_sb, int64_t q_sh, const void* kc, const void* vc, at::ScalarType cdt,
+                  int64_t B, int64_t H, int64_t S, int64_t D, int64_t n, float qscale, float* y, int64_t y_sb,
+                  int64_t y_sh) {
+  auto run = [&](auto row) {
+    using C = decltype(row);
+    using T = typename C::T;
+    const T* kp = static_cast<const T*>(kc);
+    const T* vp = static_cast<const T*>(vc);
+    at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> sc(static_cast<size_t>(n + 16)), qv(static_cast<size_t>(D));
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t b = g / H, h = g % H;
+        const float* qg = q + b * q_sb + h * q_sh;
+        for (int64_t d = 0; d < D; ++d) qv[d] = qg[d] * qscale;
+        attend_one<C>(qv.data(), kp + g * S * D, vp + g * S * D, n, D, sc.data(), y + b * y_sb + h * y_sh);
+      }
+    });
+  };
+  if (cdt == at::kBFloat16) {
+    run(Bf16Weight{});  // half the cache bytes: the step's KV reads are memory-bound
+  } else {
+    run(F32Weight{});
+  }
+}
 }  // namespace dec
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -437,25 +464,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   at::Tensor y = at::empty({B, H, 1, D}, q.options());
   const float* qp = q.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  auto run = [&](auto row) {
-    using C = decltype(row);
-    using T = typename C::T;
-    const T* kp = static_cast<const T*>(k_cache.data_ptr());
-    const T* vp = static_cast<const T*>(v_cache.data_ptr());
-    at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> sc(static_cast<size_t>(n + 16)), qv(static_cast<size_t>(D));
-      for (int64_t g = g0; g < g1; ++g) {
-        const float* qg = qp + (g / H) * q.stride(0) + (g % H) * q.stride(1);
-        for (int64_t d = 0; d < D; ++d) qv[d] = qg[d] * qscale;
-        dec::attend_one<C>(qv.data(), kp + g * S * D, vp + g * S * D, n, D, sc.data(), yp + g * D);
-      }
-    });
-  };
-  if (cdt == at::kBFloat16) {
-    run(Bf16Weight{});  // half the cache bytes: the step's KV reads are memory-bound
-  } else {
-    run(F32Weight{});
-  }
+  dec::attend_heads(qp, q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), cdt, B, H, S, D, n, qscale,
+                    yp, H * D, D);
   return y;
 }
 
@@ -636,27 +646,7 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
         }
       }
     }
-    auto attend = [&](auto row) {
-      using C = decltype(row);
-      using T = typename C::T;
-      const T* kp = static_cast<const T*>(kc);
-      const T* vp = static_cast<const T*>(vc);
-      at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
-        std::vector<float> sc(static_cast<size_t>(p + 17)), qv(static_cast<size_t>(hd));
-        for (int64_t g = g0; g < g1; ++g) {
-          const int64_t b = g / H, hh = g % H;
-          const float* qg = qkv.data() + b * 3 * inner + hh * hd;
-          for (int64_t d = 0; d < hd; ++d) qv[d] = qg[d] * qscale;
-          dec::attend_one<C>(qv.data(), kp + g * S * hd, vp + g * S * hd, p + 1, hd, sc.data(),
-                             att.data() + b * inner + hh * hd);
-        }
-      });
-    };
-    if (cdt == at::kBFloat16) {
-      attend(Bf16Weight{});
-    } else {
-      attend(F32Weight{});
-    }
+    dec::attend_heads(qkv.data(), 3 * inner, hd, kc, vc, cdt, B, H, S, hd, p + 1, qscale, att.data(), inner, hd);
     stack::linear(lins[4 * l + 1], att.data(), tmp.data(), B);
     for (int64_t i = 0; i < B * D; ++i) xs[i] += tmp[i];
     stack::rms_norm(xs, norms[2 * l + 1].data_ptr<float>(), h.data(), B, D, feps);
