@@ -268,6 +268,116 @@ def test_estimator_with_and_without_our_attention(ops, monkeypatch):
     assert calls["n"] == 0
 
 
+def _layer_norm_fp64(x, add, w, b, mish):
+    import torch.nn.functional as F
+
+    x64 = x.double() + (0 if add is None else add.double())
+    y = F.layer_norm(x64, x.shape[-1:], w.double(), b.double(), 1e-5)
+    return F.mish(y) if mish else y
+
+
+@pytest.mark.parametrize("c", [256, 80, 7, 1])
+@pytest.mark.parametrize("mish", [False, True])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_layer_norm_fused_matches_fp64(ops, c, mish, with_add):
+    """The estimator's LayerNorm (+ the pending GEMM bias added into x in place, + Mish) in one pass: vector bodies
+    and scalar tails. fp32 rounding only: observed <= 2e-6 on outputs of |y| <~ 10, like ATen's own LayerNorm."""
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(3, 37, c, generator=g) * 3 + 1
+    w, b, add = (torch.randn(c, generator=g) for _ in range(3))
+    add = add if with_add else None
+    xx = x.clone()
+    y = ops.layer_norm_fused(xx, add, w, b, 1e-5, mish)
+    want = _layer_norm_fp64(x, add, w, b, mish)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(xx, x if add is None else x + add, rtol=0, atol=0)  # x + add written into x
+
+
+def test_layer_norm_mish_and_gelu_extremes(ops):
+    """Huge, tiny and zero inputs: Mish and GELU stay finite and exact at the ends (x, or 0 below the range)."""
+    import torch.nn.functional as F
+
+    v = torch.tensor([-1e4, -200.0, -90.0, -30.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 30.0, 90.0, 200.0, 1e4, 0.0, 0.0, 0.0])
+    y = v.clone().view(1, -1)
+    ops.bias_gelu_(y, torch.zeros(16))
+    torch.testing.assert_close(y[0].double(), F.gelu(v.double()), rtol=1e-5, atol=1e-7)
+    # Mish after a LayerNorm of weight 0: the bias alone reaches Mish, so it sees exactly v
+    m = ops.layer_norm_fused(torch.randn(1, 16), None, torch.zeros(16), v, 1e-5, True)
+    torch.testing.assert_close(m[0].double(), F.mish(v.double()), rtol=1e-5, atol=1e-7)
+    flat = ops.layer_norm_fused(torch.full((2, 256), 3.0), None, torch.ones(256), torch.zeros(256), 1e-5, False)
+    assert torch.equal(flat, torch.zeros(2, 256))  # zero variance: (x - mean) = 0 exactly, no NaN
+
+
+@pytest.mark.parametrize("n", [1024, 33, 1])
+def test_bias_gelu_matches_fp64(ops, n):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(n)
+    y0, bias = torch.randn(2, 5, n, generator=g) * 4, torch.randn(n, generator=g)
+    y = y0.clone()
+    assert ops.bias_gelu_(y, bias) is None
+    torch.testing.assert_close(y.double(), F.gelu(y0.double() + bias.double()), rtol=0, atol=2e-6)
+
+
+def test_elementwise_bad_inputs(ops):
+    x, w = torch.zeros(4, 8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        ops.layer_norm_fused(x.double(), None, w, w, 1e-5, False)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        ops.layer_norm_fused(torch.zeros(8, 4).T, None, w, w, 1e-5, False)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous \(8,\)"):
+        ops.layer_norm_fused(x, None, torch.ones(7), w, 1e-5, False)
+    with pytest.raises(RuntimeError, match=r"add must be a contiguous \(8,\)"):
+        ops.layer_norm_fused(x, torch.ones(4), w, w, 1e-5, False)
+    with pytest.raises(RuntimeError, match="empty rows"):
+        ops.layer_norm_fused(torch.zeros(4, 0), None, torch.ones(0), torch.ones(0), 1e-5, False)
+    with pytest.raises(RuntimeError, match=r"bias must be a contiguous \(8,\)"):
+        ops.bias_gelu_(x, torch.ones(4))
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        ops.bias_gelu_(x.bfloat16(), w)
+
+
+def test_estimator_with_and_without_our_elementwise_passes(ops, monkeypatch):
+    """The estimator through our fused LayerNorm / Mish / GELU passes (the CPU default once loaded) vs ATen's ops,
+    same weights and inputs, with and without a padding mask: the velocities agree to fp32 noise, and the passes
+    are really called (so the comparison can fail)."""
+    from chatterbox_fast.models.s3gen import estimator as est_mod
+
+    torch.manual_seed(0)
+    cfg = est_mod.EstimatorConfig(channels=64, num_mid_blocks=2, n_blocks=2, num_heads=2, head_dim=64,
+                                  time_embed_dim=128)
+    model = est_mod.ConditionalDecoder(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    x, mu, cond = (torch.randn(2, 80, 70, generator=g) for _ in range(3))
+    spks, t = torch.randn(2, 80, generator=g), torch.rand(2, generator=g)
+    calls = {"ln": 0, "gelu": 0}
+    real_ln, real_gelu = torch.ops.chatterbox_fast.layer_norm_fused, torch.ops.chatterbox_fast.bias_gelu_
+
+    def ln(*a):
+        calls["ln"] += 1
+        return real_ln(*a)
+
+    def gelu(*a):
+        calls["gelu"] += 1
+        return real_gelu(*a)
+
+    monkeypatch.setattr(est_mod.torch.ops.chatterbox_fast, "layer_norm_fused", ln, raising=False)
+    monkeypatch.setattr(est_mod.torch.ops.chatterbox_fast, "bias_gelu_", gelu, raising=False)
+    mask = torch.ones(2, 1, 70)
+    mask[1, :, 60:] = 0
+    ours = [model(x, m, mu, t, spks, cond) for m in (None, mask)]
+    # per call: 8 blocks x 2 norms + 4 resnets x 2 conv blocks + the final block; 8 GELUs
+    assert calls == {"ln": 2 * (16 + 8 + 1), "gelu": 2 * 8}, calls
+    monkeypatch.setattr(kernels, "elementwise_ready", lambda: False)
+    aten = [model(x, m, mu, t, spks, cond) for m in (None, mask)]
+    assert calls == {"ln": 50, "gelu": 16}
+    for a, b in zip(ours, aten):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5 * b.abs().max().item())
+
+
 def test_extreme_values_are_not_clipped(ops):
     """-128 (never produced by our quantiser, but valid int8) and large activations widen exactly."""
     x = torch.tensor([[1e6, -3.0, 0.5] * 6])
@@ -372,6 +482,18 @@ def test_other_isa_builds_match_fp64(isa, tmp_path):
                 *(a.double().transpose(1, 2) for a in (q, k, v)), scale=d ** -0.5).transpose(1, 2)
             assert float((y - ref).abs().max()) < 5e-6, (kernels.isa(), t, d)
         assert kernels.full_attention_ready() == (kernels.isa() == "avx2")
+        assert kernels.elementwise_ready() == (kernels.isa() == "avx2")
+        for c in (256, 7):  # the estimator's LayerNorm (+ add, + Mish) and bias + GELU passes
+            x, w, b, a = torch.randn(5, c, generator=g) * 3, *(torch.randn(c, generator=g) for _ in range(3))
+            for mish in (False, True):
+                y = torch.ops.chatterbox_fast.layer_norm_fused(x.clone(), a, w, b, 1e-5, mish).double()
+                ref = torch.nn.functional.layer_norm(x.double() + a.double(), (c,), w.double(), b.double(), 1e-5)
+                ref = torch.nn.functional.mish(ref) if mish else ref
+                assert float((y - ref).abs().max()) < 1e-5, (kernels.isa(), c, mish)
+            y = x.clone()
+            torch.ops.chatterbox_fast.bias_gelu_(y, b)
+            ref = torch.nn.functional.gelu(x.double() + b.double())
+            assert float((y.double() - ref).abs().max()) < 2e-6, (kernels.isa(), c)
         for k in (1, 7, 8, 33, 300):  # int8 estimator GEMMs' passes: vector bodies and scalar tails
             x = torch.randn(6, k, generator=g) * 3
             x[2] = 0

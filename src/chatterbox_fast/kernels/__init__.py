@@ -31,6 +31,10 @@ Both accumulate in fp32 over fp32 activations: the only rounding is the stored w
   (q = round(x * 127 / max|x_m|), s = max|x_m| / 127); `dequant_rows(acc (M, N) int32, sx (M,), sw (N,), bias?)
   -> (M, N) f32` = acc * sx[m] * sw[n] + bias[n], and `dequant_rows_acc_(y, ...)` adding that into y in place: the
   two elementwise passes around `torch._int_mm` of the opt-in int8 estimator GEMMs (quantize.W8A8Linear).
+- `torch.ops.chatterbox_fast.layer_norm_fused(x (..., C), add (C,)?, weight, bias, eps, mish) -> y`: LayerNorm over
+  the last dim of x + add (add, when given, is written into x first: a GEMM's pending bias), then Mish if `mish`;
+  `bias_gelu_(y (..., N), bias (N,))`: y = gelu(y + bias) in place, exact (erf) GELU. The estimator's elementwise
+  passes in one pass each (fp32; they differ from ATen by float rounding, as ATen's own kernels differ by ISA).
 - `torch.ops.chatterbox_fast.decode_layers(x (B, D), weights, scales, norms, k_caches, v_caches, rope, input_pos,
   eps) -> (B, D)`: every T3 layer of one decode step in one call (generation/fused.py), writing each layer's k / v
   into its cache slot input_pos; int8 / bf16 / fp32 layer weights, fp32 math.
@@ -179,6 +183,14 @@ def _register_fakes() -> None:
     def _dequant_rows_acc_fake(y, acc, sx, sw, bias):
         return None
 
+    @torch.library.register_fake("chatterbox_fast::layer_norm_fused")
+    def _layer_norm_fused_fake(x, add, weight, bias, eps, mish):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("chatterbox_fast::bias_gelu_")
+    def _bias_gelu_fake(y, bias):
+        return None
+
     @torch.library.register_fake("chatterbox_fast::decode_layers")
     def _decode_layers_fake(x, weights, scales, norms, k_caches, v_caches, rope, input_pos, eps):
         return x.new_empty(x.shape)
@@ -229,6 +241,12 @@ def decode_attention_ready() -> bool:
 def full_attention_ready() -> bool:
     """True when S3Gen's estimator should use `chatterbox_fast::full_attention`: loaded, AVX-512 or AVX2 build
     (measured 1.4-1.6x and 1.2-1.4x ATen's SDPA of the same ISA); the portable build's plain loop is slower."""
+    return _state["ok"] and _state["isa"] in ("avx512", "avx2")
+
+
+def elementwise_ready() -> bool:
+    """True when S3Gen's estimator should use `layer_norm_fused` / `bias_gelu_` (loaded, AVX-512 or AVX2 build:
+    one vectorised pass where ATen makes two to four; the portable build's scalar loops would be slower)."""
     return _state["ok"] and _state["isa"] in ("avx512", "avx2")
 
 

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -69,6 +70,13 @@ struct Isa {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
   }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V x, V n) { return _mm512_scalef_ps(x, n); }  // x * 2^n, n integral
+  static V recip(V x) {  // 1 / x for normal x > 0: 14-bit estimate + one Newton step (~1 ulp)
+    const V r = _mm512_rcp14_ps(x);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.f)));
+  }
   static V abs(V x) { return _mm512_andnot_ps(_mm512_set1_ps(-0.f), x); }
   static float reduce_max(V x) { return _mm512_reduce_max_ps(x); }
   static V exp2(V x) { return dec::exp2_ps(x); }
@@ -77,10 +85,25 @@ struct Isa {
   static V load_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
   static V keep_first(V x, int64_t n) { return _mm512_maskz_mov_ps(mask(n), x); }  // lanes >= n zeroed
   static void store_tail(float* p, V x, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
-  static V gather(const float* base, int64_t stride, int64_t n) {  // base[i * stride], i < n; zeros after
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int>(stride)));
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask(n), idx, base, 4);
+  static void transpose(V* r) {  // r[i][j] -> r[j][i], 16 x 16 (64 shuffles)
+    V t[16];
+    for (int g = 0; g < 16; g += 4) {  // 4 x 4 transposes within each 128-bit lane
+      const V a = _mm512_unpacklo_ps(r[g], r[g + 1]), b = _mm512_unpackhi_ps(r[g], r[g + 1]);
+      const V c = _mm512_unpacklo_ps(r[g + 2], r[g + 3]), d = _mm512_unpackhi_ps(r[g + 2], r[g + 3]);
+      t[g] = _mm512_shuffle_ps(a, c, 0x44);
+      t[g + 1] = _mm512_shuffle_ps(a, c, 0xEE);
+      t[g + 2] = _mm512_shuffle_ps(b, d, 0x44);
+      t[g + 3] = _mm512_shuffle_ps(b, d, 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {  // then the 4 x 4 grid of 128-bit lanes of t[c], t[4 + c], t[8 + c], t[12 + c]
+      const V x0 = _mm512_shuffle_f32x4(t[c], t[4 + c], 0x44), x1 = _mm512_shuffle_f32x4(t[c], t[4 + c], 0xEE);
+      const V y0 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0x44);
+      const V y1 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0xEE);
+      r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+      r[4 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+      r[8 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+      r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+    }
   }
 };
 #elif defined(__AVX2__)
@@ -100,6 +123,17 @@ struct Isa {
     return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
   }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V x, V n) {  // x * 2^n, n integral in [-126, 127]
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(x, _mm256_castsi256_ps(e));
+  }
+  static V recip(V x) {  // 1 / x for normal x > 0: 12-bit estimate + two Newton steps (~1 ulp)
+    V r = _mm256_rcp_ps(x);
+    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.f)));
+    return _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.f)));
+  }
   static V abs(V x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
   static float reduce_max(V x) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -134,10 +168,20 @@ struct Isa {
   static V load_tail(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask(n)); }
   static V keep_first(V x, int64_t n) { return _mm256_and_ps(x, _mm256_castsi256_ps(mask(n))); }
   static void store_tail(float* p, V x, int64_t n) { _mm256_maskstore_ps(p, mask(n), x); }
-  static V gather(const float* base, int64_t stride, int64_t n) {
-    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                           _mm256_set1_epi32(static_cast<int>(stride)));
-    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, idx, _mm256_castsi256_ps(mask(n)), 4);
+  static void transpose(V* r) {  // r[i][j] -> r[j][i], 8 x 8
+    V t[8];
+    for (int g = 0; g < 8; g += 4) {  // 4 x 4 transposes within each 128-bit lane
+      const V a = _mm256_unpacklo_ps(r[g], r[g + 1]), b = _mm256_unpackhi_ps(r[g], r[g + 1]);
+      const V c = _mm256_unpacklo_ps(r[g + 2], r[g + 3]), d = _mm256_unpackhi_ps(r[g + 2], r[g + 3]);
+      t[g] = _mm256_shuffle_ps(a, c, 0x44);
+      t[g + 1] = _mm256_shuffle_ps(a, c, 0xEE);
+      t[g + 2] = _mm256_shuffle_ps(b, d, 0x44);
+      t[g + 3] = _mm256_shuffle_ps(b, d, 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {  // then swap the off-diagonal 128-bit halves
+      r[c] = _mm256_permute2f128_ps(t[c], t[4 + c], 0x20);
+      r[4 + c] = _mm256_permute2f128_ps(t[c], t[4 + c], 0x31);
+    }
   }
 };
 #endif
@@ -764,7 +808,12 @@ void pack_kv(const Head& h, int64_t T, int64_t Tp, float* kt, float* vv) {
     const int64_t n = std::max<int64_t>(0, std::min<int64_t>(L, T - t));
     float* kp = kt + (t / KW) * (D * KW) + (t % KW);
     const float* kr = h.k + t * h.ldk;
-    for (int d = 0; d < D; ++d) Isa::store(kp + d * KW, n > 0 ? Isa::gather(kr + d, h.ldk, n) : Isa::zero());
+    for (int d0 = 0; d0 < D; d0 += L) {  // L keys x L channels, transposed in registers
+      V r[L];
+      for (int i = 0; i < L; ++i) r[i] = i < n ? Isa::load(kr + i * h.ldk + d0) : Isa::zero();
+      Isa::transpose(r);
+      for (int c = 0; c < L; ++c) Isa::store(kp + (d0 + c) * KW, r[c]);
+    }
     for (int64_t u = t; u < t + n; ++u) std::memcpy(vv + u * D, h.v + u * h.ldv, D * sizeof(float));
   }
 }
@@ -1424,6 +1473,168 @@ void dequant_rows_acc_(at::Tensor& y, const at::Tensor& acc, const at::Tensor& s
   dequant_into<true>(y.data_ptr<float>(), y.stride(0), acc, sx, sw, bp);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Row-wise elementwise passes of S3Gen's CFM estimator, each one pass over memory where ATen makes two to four:
+// LayerNorm (optionally adding a (C,) vector into x first: the bias of the GEMM that just wrote x, and optionally
+// followed by Mish), and bias + exact (erf) GELU in place. fp32; they differ from ATen by float rounding only.
+namespace ew {
+// e^x (0 below -87, clamped above 88), Cody-Waite reduction and Cephes' expf polynomial: ~1 ulp
+#if defined(__AVX512F__) || defined(__AVX2__)
+inline Isa::V exp_v(Isa::V x0) {
+  using V = Isa::V;
+  const V x = Isa::max(Isa::min(x0, Isa::set1(88.f)), Isa::set1(-87.f));
+  const V n = Isa::round(Isa::mul(x, Isa::set1(1.44269504088896341f)));
+  V r = Isa::fma(n, Isa::set1(-0.693359375f), x);
+  r = Isa::fma(n, Isa::set1(2.12194440e-4f), r);
+  V p = Isa::set1(1.9875691500e-4f);
+  p = Isa::fma(p, r, Isa::set1(1.3981999507e-3f));
+  p = Isa::fma(p, r, Isa::set1(8.3334519073e-3f));
+  p = Isa::fma(p, r, Isa::set1(4.1665795894e-2f));
+  p = Isa::fma(p, r, Isa::set1(1.6666665459e-1f));
+  p = Isa::fma(p, r, Isa::set1(5.0000001201e-1f));
+  p = Isa::fma(p, Isa::mul(r, r), Isa::add(r, Isa::set1(1.f)));
+  return Isa::select_nonneg(Isa::add(x0, Isa::set1(87.f)), Isa::scale2(p, n), Isa::zero());  // 0 below -87
+}
+
+// x * tanh(softplus(x)) = x * n / (n + 2), n = e (e + 2), e = e^min(x, 20) (n / (n + 2) is 1 in fp32 above 20)
+inline Isa::V mish_v(Isa::V x) {
+  const Isa::V e = exp_v(Isa::min(x, Isa::set1(20.f)));
+  const Isa::V n = Isa::mul(e, Isa::add(e, Isa::set1(2.f)));
+  return Isa::mul(Isa::mul(x, n), Isa::recip(Isa::add(n, Isa::set1(2.f))));
+}
+
+// 0.5 x (1 + erf(x / sqrt 2)), erf as Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7, the formula ATen's vectorised
+// erf uses): 1 + erf(z) = 2 - q for z >= 0 and q for z < 0, q = t P(t) e^(-z^2), t = 1 / (1 + 0.3275911 |z|)
+inline Isa::V gelu_v(Isa::V x) {
+  using V = Isa::V;
+  const V z = Isa::mul(x, Isa::set1(0.70710678118654752f));
+  const V t = Isa::recip(Isa::fma(Isa::set1(0.3275911f), Isa::abs(z), Isa::set1(1.f)));
+  V p = Isa::fma(Isa::set1(1.061405429f), t, Isa::set1(-1.453152027f));
+  p = Isa::fma(p, t, Isa::set1(1.421413741f));
+  p = Isa::fma(p, t, Isa::set1(-0.284496736f));
+  p = Isa::fma(p, t, Isa::set1(0.254829592f));
+  const V q = Isa::mul(Isa::mul(p, t), exp_v(Isa::sub(Isa::zero(), Isa::mul(z, z))));
+  const V one_plus_erf = Isa::select_nonneg(z, Isa::sub(Isa::set1(2.f), q), q);
+  return Isa::mul(Isa::mul(Isa::set1(0.5f), x), one_plus_erf);
+}
+#endif
+
+inline float mish_1(float x) { return x * std::tanh(std::log1p(std::exp(x))); }
+inline float gelu_1(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f)); }
+
+// x[0..C) (+= add); y = (x - mean) / sqrt(var + eps) * w + b (then Mish); two passes over the row (L1)
+template <bool MISH>
+void layer_norm_row(float* x, const float* add, const float* w, const float* b, float eps, int64_t C, float* y) {
+  int64_t c = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  using V = Isa::V;
+  constexpr int L = Isa::L;
+  V vs = Isa::zero();
+  for (; c + L <= C; c += L) {
+    V v = Isa::load(x + c);
+    if (add != nullptr) {
+      v = Isa::add(v, Isa::load(add + c));
+      Isa::store(x + c, v);
+    }
+    vs = Isa::add(vs, v);
+  }
+  sum = Isa::reduce_add(vs);
+#endif
+  for (; c < C; ++c) {
+    if (add != nullptr) x[c] += add[c];
+    sum += x[c];
+  }
+  const float mean = sum / static_cast<float>(C);
+  float ss = 0.f;
+  c = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const V vm = Isa::set1(mean);
+  V vq = Isa::zero();
+  for (; c + L <= C; c += L) {
+    const V d = Isa::sub(Isa::load(x + c), vm);
+    vq = Isa::fma(d, d, vq);
+  }
+  ss = Isa::reduce_add(vq);
+#endif
+  for (; c < C; ++c) ss += (x[c] - mean) * (x[c] - mean);
+  const float rstd = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
+  c = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const V vr = Isa::set1(rstd);
+  for (; c + L <= C; c += L) {
+    V v = Isa::fma(Isa::mul(Isa::sub(Isa::load(x + c), vm), vr), Isa::load(w + c), Isa::load(b + c));
+    if (MISH) v = mish_v(v);
+    Isa::store(y + c, v);
+  }
+#endif
+  for (; c < C; ++c) {
+    const float v = (x[c] - mean) * rstd * w[c] + b[c];
+    y[c] = MISH ? mish_1(v) : v;
+  }
+}
+
+void bias_gelu_row(float* y, const float* bias, int64_t N) {
+  int64_t n = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (; n + Isa::L <= N; n += Isa::L) Isa::store(y + n, gelu_v(Isa::add(Isa::load(y + n), Isa::load(bias + n))));
+#endif
+  for (; n < N; ++n) y[n] = gelu_1(y[n] + bias[n]);
+}
+}  // namespace ew
+
+void check_rows(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1 && x.is_contiguous(), op,
+              ": x must be a contiguous float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type(), " strides ",
+              x.strides());
+}
+
+void check_vec(const at::Tensor& v, int64_t n, const char* name, const char* op) {
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == n &&
+                  v.is_contiguous(), op, ": ", name, " must be a contiguous (", n, ",) float32 CPU tensor, got ",
+              v.sizes(), " ", v.scalar_type());
+}
+
+// LayerNorm over the last dim of x (..., C): y = LN(x + add) * w + b, then Mish if `mish`; `add` (C,) or None is
+// added into x in place first (x then holds x + add)
+at::Tensor layer_norm_fused(at::Tensor& x, const c10::optional<at::Tensor>& add, const at::Tensor& w,
+                            const at::Tensor& b, double eps, bool mish) {
+  check_rows(x, "layer_norm_fused");
+  const int64_t C = x.size(-1), M = C > 0 ? x.numel() / C : 0;
+  check_vec(w, C, "weight", "layer_norm_fused");
+  check_vec(b, C, "bias", "layer_norm_fused");
+  if (add.has_value()) check_vec(*add, C, "add", "layer_norm_fused");
+  TORCH_CHECK(C >= 1, "layer_norm_fused: empty rows, got ", x.sizes());
+  at::Tensor y = at::empty_like(x);
+  float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* ap = add.has_value() ? add->data_ptr<float>() : nullptr;
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / C), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      if (mish)
+        ew::layer_norm_row<true>(xp + m * C, ap, wp, bp, e, C, yp + m * C);
+      else
+        ew::layer_norm_row<false>(xp + m * C, ap, wp, bp, e, C, yp + m * C);
+    }
+  });
+  return y;
+}
+
+// y (..., N) = gelu(y + bias), exact (erf) GELU, in place
+void bias_gelu_(at::Tensor& y, const at::Tensor& bias) {
+  check_rows(y, "bias_gelu_");
+  const int64_t N = y.size(-1), M = N > 0 ? y.numel() / N : 0;
+  check_vec(bias, N, "bias", "bias_gelu_");
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) ew::bias_gelu_row(yp + m * N, bp, N);
+  });
+}
+
 const char* isa() {
 #if defined(__AVX512F__)
   return "avx512";
@@ -1447,6 +1658,8 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("dequant_rows(Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> Tensor");
   m.def("dequant_rows_acc_(Tensor(a!) y, Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> ()");
+  m.def("layer_norm_fused(Tensor(a!) x, Tensor? add, Tensor weight, Tensor bias, float eps, bool mish) -> Tensor");
+  m.def("bias_gelu_(Tensor(a!) y, Tensor bias) -> ()");
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] norms, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, Tensor rope, Tensor input_pos, float eps) -> Tensor");
 }
@@ -1463,6 +1676,8 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("dequant_rows", &dequant_rows);
   m.impl("dequant_rows_acc_", &dequant_rows_acc_);
   m.impl("decode_layers", &decode_layers);
+  m.impl("layer_norm_fused", &layer_norm_fused);
+  m.impl("bias_gelu_", &bias_gelu_);
 }
 
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.

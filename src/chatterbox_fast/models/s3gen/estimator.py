@@ -109,6 +109,19 @@ def mish_(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(y)
 
 
+def _cpu_elementwise(x: torch.Tensor) -> bool:
+    """Our fused CPU LayerNorm / Mish / GELU passes apply: contiguous fp32 on CPU, no autograd, kernels built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and x.is_contiguous() and cpu_kernels.elementwise_ready())
+
+
+def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm, add: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x + add) for inference; `add` (C,) or None is added into x IN PLACE first (x then holds x + add)."""
+    if _cpu_elementwise(x):
+        return torch.ops.chatterbox_fast.layer_norm_fused(x, add, norm.weight, norm.bias, norm.eps, False)
+    return norm(x if add is None else x.add_(add))
+
+
 class CausalBlock1D(nn.Module):
     """Mish(LayerNorm_C(CausalConv1d_k3(x * m))) * m.
 
@@ -121,7 +134,12 @@ class CausalBlock1D(nn.Module):
         self.block = nn.ModuleDict({"0": CausalConv1d(dim, dim_out, 3), "2": nn.LayerNorm(dim_out)})
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        y = self.block["2"](self.block["0"](_apply_mask(x, mask)))
+        y = self.block["0"](_apply_mask(x, mask))
+        norm = self.block["2"]
+        if _cpu_elementwise(y):  # LayerNorm and Mish in one pass
+            y = torch.ops.chatterbox_fast.layer_norm_fused(y, None, norm.weight, norm.bias, norm.eps, True)
+            return y if mask is None else y.mul_(mask)
+        y = norm(y)
         if torch.is_grad_enabled():  # autograd needs the out-of-place ops
             return F.mish(y) if mask is None else F.mish(y) * mask
         y = mish_(y)
@@ -274,10 +292,16 @@ class BasicTransformerBlock(nn.Module):
         c = x.shape[-1]
         y = x.view(-1, c)  # (B*T, C)
         out = self.attn1.to_out[0]
-        y.addmm_(self.attn1.attend(self.norm1(x), attn_bias).reshape(-1, out.in_features), out.weight.t())
-        y.add_(out.bias)
-        ff_out = self.ff.net[2]
-        y.addmm_(self.ff.net[0](self.norm3(y)), ff_out.weight.t()).add_(ff_out.bias)
+        y.addmm_(self.attn1.attend(_layer_norm(x, self.norm1), attn_bias).reshape(-1, out.in_features),
+                 out.weight.t())
+        h = _layer_norm(y, self.norm3, out.bias)  # adds to_out's bias into y first
+        ff_in, ff_out = self.ff.net[0].proj, self.ff.net[2]
+        if _cpu_elementwise(h):  # bias + GELU in one pass (F.linear would first copy the bias into every row)
+            g = torch.mm(h, ff_in.weight.t())
+            torch.ops.chatterbox_fast.bias_gelu_(g, ff_in.bias)
+        else:
+            g = self.ff.net[0](h)
+        y.addmm_(g, ff_out.weight.t()).add_(ff_out.bias)
         return x
 
     def _forward_int8_(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
@@ -285,10 +309,10 @@ class BasicTransformerBlock(nn.Module):
         b, t, c = x.shape
         a, q8 = self.attn1, self.int8
         y = x.view(-1, c)  # (B*T, C)
-        qkv = q8["qkv"](self.norm1(y)).view(b, t, 3, a.heads, a.head_dim)  # (B, T, 3, H, hd)
+        qkv = q8["qkv"](_layer_norm(y, self.norm1)).view(b, t, 3, a.heads, a.head_dim)  # (B, T, 3, H, hd)
         o = a.attend_qkv(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], attn_bias, self.int8_attention)  # (B, T, H*hd)
         q8["out"].forward_acc_(y, o.reshape(b * t, -1))
-        h = q8["ff1"](self.norm3(y))  # (B*T, ff inner)
+        h = q8["ff1"](_layer_norm(y, self.norm3))  # (B*T, ff inner)
         q8["ff2"].forward_acc_(y, torch.ops.aten.gelu_(h))
         return x
 
