@@ -1,5 +1,6 @@
 // CPU kernels: T3 decode's weight-only low-precision linears and single-query attention, S3Gen estimator's full
-// self-attention, and the quantise / dequantise passes of the estimator's opt-in int8 GEMMs (sections below).
+// self-attention and fused LayerNorm / Mish / GELU passes, and the quantise / dequantise passes of the estimator's
+// opt-in int8 GEMMs (sections below).
 //
 // Weight-only low-precision linears for T3's decode step on CPU: y (M, N) = x (M, K) @ dequant(w (N, K))^T.
 //
