@@ -543,9 +543,26 @@ def test_other_isa_builds_match_fp64(isa, tmp_path):
                 got = torch.ops.chatterbox_fast.decode_layers(
                     b.speech_embed(tok, sb.speech_pos, 2).reshape(2, -1).contiguous(), *layer_weights(b),
                     [lay.self_attn.kv_cache.k_cache for lay in b.tfmr.layers],
-                    [lay.self_attn.kv_cache.v_cache for lay in b.tfmr.layers], b.rope, sb.input_pos, b.cfg.norm_eps)
+                    [lay.self_attn.kv_cache.v_cache for lay in b.tfmr.layers], [], b.rope, sb.input_pos,
+                    b.cfg.norm_eps)
                 got = b.speech_logits(b.tfmr.norm(got))
                 assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (kernels.isa(), i)
+                for st in (sa, sb):
+                    st.input_pos += 1
+                    st.speech_pos += 1
+            for m in (a, b):  # an int8 KV cache (per-row scales): written and read by the op in this build
+                m.kv_dtype = torch.int8
+                m.setup_caches(2, 32)
+                prefill(m, x)
+            sa, sb = new_state(a, 9, 2, "cpu"), new_state(b, 9, 2, "cpu")
+            for i in range(6):
+                tok = torch.tensor([i * 7])
+                want = step_logits(a, tok, sa, 32)
+                got = torch.ops.chatterbox_fast.decode_layers(
+                    b.speech_embed(tok, sb.speech_pos, 2).reshape(2, -1).contiguous(), *layer_weights(b),
+                    *b.kv_cache_tensors(), b.rope, sb.input_pos, b.cfg.norm_eps)
+                got = b.speech_logits(b.tfmr.norm(got))
+                assert float((got - want).abs().max()) <= 2e-4 * float(want.abs().max()), (kernels.isa(), "kv8", i)
                 for st in (sa, sb):
                     st.input_pos += 1
                     st.speech_pos += 1

@@ -171,17 +171,20 @@ class OptimizedChatterboxTTS:
     def from_pretrained(cls, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
                         enable_watermark: bool = True, repo_id: str = REPO_ID, revision: str | None = None,
                         cache_dir: str | None = None, quantize: str | None = None,
-                        cuda_graphs: bool = True, s3gen_quantize: str | None = None) -> "OptimizedChatterboxTTS":
+                        cuda_graphs: bool = True, s3gen_quantize: str | None = None,
+                        kv_cache: str | None = None) -> "OptimizedChatterboxTTS":
         """Download (or reuse the Hugging Face cache of) ResembleAI/chatterbox and load it."""
         ckpt = download_checkpoint(repo_id, revision, cache_dir)
         return cls.from_local(ckpt, device=device, enable_compilation=enable_compilation,
                               use_mixed_precision=use_mixed_precision, enable_watermark=enable_watermark,
-                              quantize=quantize, cuda_graphs=cuda_graphs, s3gen_quantize=s3gen_quantize)
+                              quantize=quantize, cuda_graphs=cuda_graphs, s3gen_quantize=s3gen_quantize,
+                              kv_cache=kv_cache)
 
     @classmethod
     def from_local(cls, ckpt_dir, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
                    enable_watermark: bool = True, quantize: str | None = None,
-                   cuda_graphs: bool = True, s3gen_quantize: str | None = None) -> "OptimizedChatterboxTTS":
+                   cuda_graphs: bool = True, s3gen_quantize: str | None = None,
+                   kv_cache: str | None = None) -> "OptimizedChatterboxTTS":
         """Load from a folder holding ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json
         and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads.
         quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md);
@@ -193,13 +196,21 @@ class OptimizedChatterboxTTS:
         s3gen_quantize="int8" (CPU only, opt-in, CHANGES THE OUTPUT): int8 GEMMs (int8 weights and per-row int8
         activations) for the transformer linears of S3Gen's flow estimator (quantize.quantize_s3gen; speed and the
         mel's drift in BENCHMARKS.md). s3gen_quantize="int8-attn" also runs the estimator's attention on int8 dot
-        products (AVX512-VNNI CPUs only; a ValueError elsewhere)."""
-        from .quantize import (check_int8_attention_supported, check_quantize_mode, check_s3gen_quantize_mode,
-                               quantize_s3gen, quantize_t3)
+        products (AVX512-VNNI CPUs only; a ValueError elsewhere).
+        kv_cache: T3's KV cache storage. None: fp32 (exact), bf16 in the CPU's low-precision modes (quantize set,
+        or use_mixed_precision on a CPU); "fp32" / "bf16" force one; "int8" (CPU only, opt-in, CHANGES THE OUTPUT):
+        one int8 per value with an fp32 scale per (head, position) row, a quarter of the bytes each decode step reads
+        from the cache (what grows with the length of the generation; drift in BENCHMARKS.md)."""
+        from .quantize import (check_int8_attention_supported, check_kv_cache_mode, check_quantize_mode,
+                               check_s3gen_quantize_mode, quantize_s3gen, quantize_t3)
 
         check_quantize_mode(quantize)
         check_s3gen_quantize_mode(s3gen_quantize)
+        check_kv_cache_mode(kv_cache)
         dev = _resolve_device(device)
+        if kv_cache == "int8" and dev.type != "cpu":
+            raise ValueError(f"kv_cache='int8' is a CPU mode (the fused CPU decode step reads it); on {dev.type} "
+                             "leave it None")
         if s3gen_quantize is not None and dev.type != "cpu":
             raise ValueError(f"s3gen_quantize={s3gen_quantize!r} is a CPU mode (int8 GEMMs); on {dev.type} leave it "
                              "None (use_mixed_precision=True selects bf16 on CUDA)")
@@ -225,6 +236,10 @@ class OptimizedChatterboxTTS:
             quantize_t3(parts.t3, quantize, release=release_file_pages if dev.type == "cpu" else None)
             if dev.type == "cpu" and cpu_kernels.decode_attention_ready():
                 parts.t3.kv_dtype = torch.bfloat16  # low-precision modes: a bf16 KV cache too (half its bytes)
+        if kv_cache is not None:
+            parts.t3.kv_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[kv_cache]
+            if kv_cache == "fp32" and t3_dtype == torch.bfloat16:
+                parts.t3.kv_dtype = None  # CUDA bf16 activations: the cache follows them
         # tap-major causal convs and one q/k/v GEMM per attention (same values; the int8 mode has its own q/k/v)
         for est in [] if parts.s3gen is None else [m for m in parts.s3gen.modules()
                                                     if isinstance(m, ConditionalDecoder)]:

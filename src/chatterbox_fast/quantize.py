@@ -87,6 +87,14 @@ def _check_mode(name: str, mode: str | None, allowed: tuple[str, ...]) -> str | 
     return mode
 
 
+KV_CACHE_MODES = ("fp32", "bf16", "int8")
+
+
+def check_kv_cache_mode(mode: str | None) -> str | None:
+    """None (the engine's default: fp32, bf16 in the CPU's low-precision modes) or one of KV_CACHE_MODES."""
+    return _check_mode("kv_cache", mode, KV_CACHE_MODES)
+
+
 def check_quantize_mode(mode: str | None) -> str | None:
     """None (no quantisation) or one of QUANT_MODES; anything else raises ValueError naming the allowed values."""
     return _check_mode("quantize", mode, QUANT_MODES)

@@ -51,7 +51,7 @@ def _caches(model):
     return [c for lay in model.tfmr.layers for c in (lay.self_attn.kv_cache.k_cache, lay.self_attn.kv_cache.v_cache)]
 
 
-@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("fmt", [None, "int8", "int8-packed", "bf16", "bf16-packed"])
 def test_fused_step_matches_module_path(fmt, kv_dtype):
     """Teacher-forced: 40 steps from position 12 on two copies of one model, module path vs fused: logits and the
@@ -66,7 +66,8 @@ def test_fused_step_matches_module_path(fmt, kv_dtype):
             prefill(m, x)
         step = FusedDecodeStep(b)
         sa, sb = new_state(a, S, 2, "cpu"), new_state(b, S, 2, "cpu")
-        tol = 1e-5 if kv_dtype is None else 1e-4  # a bf16 cache value rounded the other way moves the logits more
+        # a bf16 / int8 cache value rounded the other way (one bf16 ulp, one int8 level) moves the logits more
+        tol = 1e-5 if kv_dtype is None else 2e-4
         for i in range(n):
             tok = torch.tensor([(i * 977) % 6561])
             want = step_logits(a, tok, sa, kv_bucket(S + i + 1, a.max_seq))
@@ -80,15 +81,26 @@ def test_fused_step_matches_module_path(fmt, kv_dtype):
     for ca, cb in zip(_caches(a), _caches(b)):
         assert ca.dtype == cb.dtype == (kv_dtype or torch.float32)
         assert cb[:, :, S:S + n].abs().amax() > 0  # the fused step wrote its slots
-        rtol = 2 ** -7 if kv_dtype is not None else 1e-5  # one bf16 ulp: 2^-8 to 2^-7 relative
-        torch.testing.assert_close(cb[:, :, :S + n].float(), ca[:, :, :S + n].float(), rtol=rtol, atol=1e-5)
+        if kv_dtype == torch.int8:  # the same per-row quantiser: equal, or one level apart at a rounding boundary
+            assert (cb[:, :, :S + n].int() - ca[:, :, :S + n].int()).abs().max() <= 1
+        else:
+            rtol = 2 ** -7 if kv_dtype is not None else 1e-5  # one bf16 ulp: 2^-8 to 2^-7 relative
+            torch.testing.assert_close(cb[:, :, :S + n].float(), ca[:, :, :S + n].float(), rtol=rtol, atol=1e-5)
         assert not cb[:, :, S + n:].any()  # and nothing past them
+    if kv_dtype == torch.int8:
+        for la, lb in zip(a.tfmr.layers, b.tfmr.layers):
+            for sa_, sb_ in ((la.self_attn.kv_cache.k_scale, lb.self_attn.kv_cache.k_scale),
+                             (la.self_attn.kv_cache.v_scale, lb.self_attn.kv_cache.v_scale)):
+                assert bool((sb_[:, :, S:S + n] > 0).all()) and not sb_[:, :, S + n:].any()
+                torch.testing.assert_close(sb_, sa_, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("fmt,cfg_weight", [(None, 0.5), ("int8-packed", 0.5), ("bf16-packed", 0.0)])
-def test_fused_generation_gives_the_same_tokens(fmt, cfg_weight):
+@pytest.mark.parametrize("fmt,cfg_weight,kv_dtype", [(None, 0.5, None), ("int8-packed", 0.5, torch.bfloat16),
+                                                     ("bf16-packed", 0.0, torch.bfloat16),
+                                                     ("int8-packed", 0.5, torch.int8)])
+def test_fused_generation_gives_the_same_tokens(fmt, cfg_weight, kv_dtype):
     """Whole generations, same noise: identical tokens (batch 2 with CFG, batch 1 without)."""
-    model = _model(fmt, torch.bfloat16 if fmt else None)
+    model = _model(fmt, kv_dtype)
     batch = 2 if cfg_weight > 0 else 1
     x = torch.randn(batch, 10, model.cfg.dim, generator=torch.Generator().manual_seed(2))
     params = SamplingParams(max_new_tokens=48, min_p=0.0, cfg_weight=cfg_weight)
@@ -127,16 +139,25 @@ def test_decode_layers_bad_inputs_give_clear_errors():
     op = torch.ops.chatterbox_fast.decode_layers
     eps = model.cfg.norm_eps
     with pytest.raises(RuntimeError, match="outside the 16-slot cache"):
-        op(x, step.weights, step.scales, step.norms, kc, vc, model.rope, torch.tensor([16]), eps)
+        op(x, step.weights, step.scales, step.norms, kc, vc, [], model.rope, torch.tensor([16]), eps)
     with pytest.raises(RuntimeError, match="4 weights, 4 scales"):
-        op(x, step.weights[:-1], step.scales, step.norms, kc, vc, model.rope, torch.tensor([3]), eps)
+        op(x, step.weights[:-1], step.scales, step.norms, kc, vc, [], model.rope, torch.tensor([3]), eps)
     with pytest.raises(RuntimeError, match="int8 weight needs"):
-        op(x, step.weights, [torch.empty(0)] * len(step.scales), step.norms, kc, vc, model.rope, torch.tensor([3]),
-           eps)
+        op(x, step.weights, [torch.empty(0)] * len(step.scales), step.norms, kc, vc, [], model.rope,
+           torch.tensor([3]), eps)
     with pytest.raises(RuntimeError, match="x must be a contiguous"):
-        op(x.double(), step.weights, step.scales, step.norms, kc, vc, model.rope, torch.tensor([3]), eps)
+        op(x.double(), step.weights, step.scales, step.norms, kc, vc, [], model.rope, torch.tensor([3]), eps)
     with pytest.raises(RuntimeError, match="caches must be contiguous"):
-        op(x, step.weights, step.scales, step.norms, kc[:1] + [k.bfloat16() for k in kc[1:]], vc, model.rope,
+        op(x, step.weights, step.scales, step.norms, kc[:1] + [k.bfloat16() for k in kc[1:]], vc, [], model.rope,
+           torch.tensor([3]), eps)
+    k8, v8 = [k.to(torch.int8) for k in kc], [v.to(torch.int8) for v in vc]
+    with pytest.raises(RuntimeError, match="int8 caches need 2 scale tensors per layer"):
+        op(x, step.weights, step.scales, step.norms, k8, v8, [], model.rope, torch.tensor([3]), eps)
+    with pytest.raises(RuntimeError, match="cache scales must be contiguous"):
+        op(x, step.weights, step.scales, step.norms, k8, v8, [torch.zeros(2, 1, 15)] * (2 * len(kc)), model.rope,
+           torch.tensor([3]), eps)
+    with pytest.raises(RuntimeError, match="kv_scales are for int8 caches only"):
+        op(x, step.weights, step.scales, step.norms, kc, vc, [torch.zeros(1)] * (2 * len(kc)), model.rope,
            torch.tensor([3]), eps)
 
 

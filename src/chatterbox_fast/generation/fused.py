@@ -100,9 +100,9 @@ class FusedDecodeStep:
             raise ValueError("this fused step belongs to another T3 instance")
         B, D = state.batch, model.cfg.dim
         x = model.speech_embed(token, state.speech_pos, B).reshape(B, D).contiguous()  # (B, D)
-        k_caches, v_caches = model.kv_cache_tensors()
+        k_caches, v_caches, kv_scales = model.kv_cache_tensors()
         h = torch.ops.chatterbox_fast.decode_layers(x, self.weights, self.scales, self.norms, k_caches, v_caches,
-                                                    model.rope, state.input_pos, model.cfg.norm_eps)
+                                                    kv_scales, model.rope, state.input_pos, model.cfg.norm_eps)
         return model.speech_logits(model.tfmr.norm(h))  # (B, V)
 
     def __call__(self, model: T3, token: Tensor, state: DecodeState, noise: Tensor, params: SamplingParams,

@@ -35,9 +35,10 @@ Both accumulate in fp32 over fp32 activations: the only rounding is the stored w
   the last dim of x + add (add, when given, is written into x first: a GEMM's pending bias), then Mish if `mish`;
   `bias_gelu_(y (..., N), bias (N,))`: y = gelu(y + bias) in place, exact (erf) GELU. The estimator's elementwise
   passes in one pass each (fp32; they differ from ATen by float rounding, as ATen's own kernels differ by ISA).
-- `torch.ops.chatterbox_fast.decode_layers(x (B, D), weights, scales, norms, k_caches, v_caches, rope, input_pos,
-  eps) -> (B, D)`: every T3 layer of one decode step in one call (generation/fused.py), writing each layer's k / v
-  into its cache slot input_pos; int8 / bf16 / fp32 layer weights, fp32 math.
+- `torch.ops.chatterbox_fast.decode_layers(x (B, D), weights, scales, norms, k_caches, v_caches, kv_scales, rope,
+  input_pos, eps) -> (B, D)`: every T3 layer of one decode step in one call (generation/fused.py), writing each
+  layer's k / v into its cache slot input_pos; int8 / bf16 / fp32 layer weights, fp32 / bf16 / int8 caches (int8:
+  per-row scales in kv_scales, 2 per layer; empty otherwise), fp32 math.
 
 Environment:
 - CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).
@@ -192,7 +193,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("chatterbox_fast::decode_layers")
-    def _decode_layers_fake(x, weights, scales, norms, k_caches, v_caches, rope, input_pos, eps):
+    def _decode_layers_fake(x, weights, scales, norms, k_caches, v_caches, kv_scales, rope, input_pos, eps):
         return x.new_empty(x.shape)
 
 

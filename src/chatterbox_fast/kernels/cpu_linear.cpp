@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -396,7 +397,9 @@ namespace dec {
 // D = NV * Isa::L (64: 4 AVX-512 or 8 AVX2 vectors): q in NV registers, one key row per score, the scores'
 // exponentials vectorised over t, then P V into NV accumulators
 template <class C, int NV>
-void attend_vec(const float* q, const typename C::T* k, const typename C::T* v, int64_t n, float* sc, float* out) {
+void attend_vec(const float* q, const typename C::T* k, const typename C::T* v, const float* ks, const float* vs,
+                int64_t n, float* sc, float* out) {
+  constexpr bool kScaled = std::is_same<C, Int8Weight>::value;  // int8 rows: k_t = ks[t] k8_t, v_t = vs[t] v8_t
   using V = Isa::V;
   constexpr int64_t L = Isa::L, D = NV * Isa::L;
   V qv[NV];
@@ -406,7 +409,7 @@ void attend_vec(const float* q, const typename C::T* k, const typename C::T* v, 
     const typename C::T* kt = k + t * D;
     V a = Isa::mul(qv[0], C::load(kt));
     for (int i = 1; i < NV; ++i) a = Isa::fma(qv[i], C::load(kt + i * L), a);
-    sc[t] = Isa::reduce_add(a);
+    sc[t] = kScaled ? Isa::reduce_add(a) * ks[t] : Isa::reduce_add(a);
     mx = std::max(mx, sc[t]);
   }
   const V mv = Isa::set1(mx);
@@ -426,7 +429,7 @@ void attend_vec(const float* q, const typename C::T* k, const typename C::T* v, 
   for (int i = 0; i < NV; ++i) o[i] = Isa::zero();
   for (t = 0; t < n; ++t) {
     const typename C::T* vt = v + t * D;
-    const V p = Isa::set1(sc[t]);
+    const V p = Isa::set1(kScaled ? sc[t] * vs[t] : sc[t]);
     for (int i = 0; i < NV; ++i) o[i] = Isa::fma(p, C::load(vt + i * L), o[i]);
   }
   const V inv = Isa::set1(1.f / Isa::reduce_add(sum));
@@ -434,36 +437,40 @@ void attend_vec(const float* q, const typename C::T* k, const typename C::T* v, 
 }
 #endif
 
-// one (batch, head): q (D,) pre-scaled, k / v (n, D) rows contiguous (fp32, or bf16 widened in registers: C is
-// F32Weight or Bf16Weight), scores scratch (>= n + 16), out (D,). Vector path for D = 4 or 8 vectors (64 on both
-// ISAs, 128 on AVX-512), else a plain loop.
+// one (batch, head): q (D,) pre-scaled, k / v (n, D) rows contiguous (fp32; bf16 or int8 widened in registers: C is
+// F32Weight, Bf16Weight or Int8Weight, the int8 rows with one scale each in ks / vs, unused otherwise), scores
+// scratch (>= n + 16), out (D,). Vector path for D = 4 or 8 vectors (64 on both ISAs, 128 on AVX-512), else a loop.
 template <class C>
-void attend_one(const float* q, const typename C::T* k, const typename C::T* v, int64_t n, int64_t D, float* sc,
-                float* out) {
+void attend_one(const float* q, const typename C::T* k, const typename C::T* v, const float* ks, const float* vs,
+                int64_t n, int64_t D, float* sc, float* out) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-  if (D == 4 * Isa::L) return attend_vec<C, 4>(q, k, v, n, sc, out);
-  if (D == 8 * Isa::L) return attend_vec<C, 8>(q, k, v, n, sc, out);
+  if (D == 4 * Isa::L) return attend_vec<C, 4>(q, k, v, ks, vs, n, sc, out);
+  if (D == 8 * Isa::L) return attend_vec<C, 8>(q, k, v, ks, vs, n, sc, out);
 #endif
+  constexpr bool kScaled = std::is_same<C, Int8Weight>::value;
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < n; ++t) {
     float a = 0.f;
     for (int64_t d = 0; d < D; ++d) a += q[d] * C::load1(k + t * D + d);
-    sc[t] = a;
-    mx = std::max(mx, a);
+    sc[t] = kScaled ? a * ks[t] : a;
+    mx = std::max(mx, sc[t]);
   }
   float sum = 0.f;
   for (int64_t t = 0; t < n; ++t) sum += (sc[t] = std::exp2(sc[t] - mx));
   for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t d = 0; d < D; ++d) out[d] += sc[t] * C::load1(v + t * D + d);
+  for (int64_t t = 0; t < n; ++t) {
+    const float p = kScaled ? sc[t] * vs[t] : sc[t];
+    for (int64_t d = 0; d < D; ++d) out[d] += p * C::load1(v + t * D + d);
+  }
   for (int64_t d = 0; d < D; ++d) out[d] /= sum;
 }
 
 // every (batch, head) g < B * H over the ATen pool: q rows at q + b * q_sb + h * q_sh, out rows likewise (y_sb,
-// y_sh), caches (B, H, S, D) contiguous of dtype cdt (fp32 or bf16), the first n slots; q scaled by qscale first
+// y_sh), caches (B, H, S, D) contiguous of dtype cdt (fp32, bf16 or int8: then ksc / vsc are their (B, H, S) row
+// scales), the first n slots; q scaled by qscale first
 void attend_heads(const float* q, int64_t q_sb, int64_t q_sh, const void* kc, const void* vc, at::ScalarType cdt,
                   int64_t B, int64_t H, int64_t S, int64_t D, int64_t n, float qscale, float* y, int64_t y_sb,
-                  int64_t y_sh) {
+                  int64_t y_sh, const float* ksc = nullptr, const float* vsc = nullptr) {
   auto run = [&](auto row) {
     using C = decltype(row);
     using T = typename C::T;
@@ -475,12 +482,15 @@ void attend_heads(const float* q, int64_t q_sb, int64_t q_sh, const void* kc, co
         const int64_t b = g / H, h = g % H;
         const float* qg = q + b * q_sb + h * q_sh;
         for (int64_t d = 0; d < D; ++d) qv[d] = qg[d] * qscale;
-        attend_one<C>(qv.data(), kp + g * S * D, vp + g * S * D, n, D, sc.data(), y + b * y_sb + h * y_sh);
+        attend_one<C>(qv.data(), kp + g * S * D, vp + g * S * D, ksc == nullptr ? nullptr : ksc + g * S,
+                      vsc == nullptr ? nullptr : vsc + g * S, n, D, sc.data(), y + b * y_sb + h * y_sh);
       }
     });
   };
   if (cdt == at::kBFloat16) {
     run(Bf16Weight{});  // half the cache bytes: the step's KV reads are memory-bound
+  } else if (cdt == at::kChar) {
+    run(Int8Weight{});  // a quarter (+ 4 bytes of scale per row)
   } else {
     run(F32Weight{});
   }
@@ -615,12 +625,18 @@ void silu_mul(const float* g, const float* u, float* y, int64_t n) {
 
 }  // namespace stack
 
+namespace w8a8 {
+void quantize_row(const float* x, int64_t K, int8_t* q, float* s);
+}
+
 // x (B, D) float32; per layer l: weights[4l..4l+3] = qkv (3 H hd, D), o (D, H hd), gate_up (2 I, D), down (D, I),
 // scales[4l..] their int8 scales (empty for bf16 / fp32 weights), norms[2l], norms[2l+1] = input / post-attention
-// RMSNorm weights (D,); k_caches[l], v_caches[l] (B, H, S, hd) float32 or bfloat16; rope (>= p + 1, hd, 2) float32.
+// RMSNorm weights (D,); k_caches[l], v_caches[l] (B, H, S, hd) float32, bfloat16 or int8, with (int8 only, else an
+// empty list) kv_scales[2l], kv_scales[2l+1] the k / v rows' float32 scales (B, H, S): each new row is quantised
+// symmetrically (round(x * 127 / max|x|), scale max|x| / 127); rope (>= p + 1, hd, 2) float32.
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::TensorList scales, at::TensorList norms,
-                         at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& rope,
-                         const at::Tensor& input_pos, double eps) {
+                         at::TensorList k_caches, at::TensorList v_caches, at::TensorList kv_scales,
+                         const at::Tensor& rope, const at::Tensor& input_pos, double eps) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "decode_layers: x must be a contiguous (B, D) float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   const int64_t nl = static_cast<int64_t>(k_caches.size());
@@ -656,12 +672,26 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
                   "decode_layers: layer ", l, " norm weights must be contiguous (", D, ",) float32, got ", nw.sizes());
     }
     for (const at::Tensor* c : {&k_caches[l], &v_caches[l]}) {
-      TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == cdt && (cdt == at::kFloat || cdt == at::kBFloat16) &&
-                      c->is_contiguous() && c->sizes() == c0.sizes() && c->size(0) == B,
+      TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == cdt &&
+                      (cdt == at::kFloat || cdt == at::kBFloat16 || cdt == at::kChar) && c->is_contiguous() &&
+                      c->sizes() == c0.sizes() && c->size(0) == B,
                   "decode_layers: layer ", l, " caches must be contiguous (", B, ", H, S, hd) CPU tensors like layer "
-                  "0's ", c0.sizes(), " ", cdt, " (float32 or bfloat16), got ", c->sizes(), " ", c->scalar_type());
+                  "0's ", c0.sizes(), " ", cdt, " (float32, bfloat16 or int8), got ", c->sizes(), " ",
+                  c->scalar_type());
+    }
+    if (cdt == at::kChar) {
+      TORCH_CHECK(static_cast<int64_t>(kv_scales.size()) == 2 * nl, "decode_layers: int8 caches need 2 scale tensors "
+                  "per layer, got ", kv_scales.size(), " for ", nl, " layers");
+      for (int64_t j = 0; j < 2; ++j) {
+        const at::Tensor& sc = kv_scales[2 * l + j];
+        TORCH_CHECK(sc.device().is_cpu() && sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.dim() == 3 &&
+                        sc.size(0) == B && sc.size(1) == H && sc.size(2) == S,
+                    "decode_layers: layer ", l, " cache scales must be contiguous (", B, ", ", H, ", ", S,
+                    ") float32 CPU tensors, got ", sc.sizes(), " ", sc.scalar_type());
+      }
     }
   }
+  TORCH_CHECK(cdt == at::kChar || kv_scales.empty(), "decode_layers: kv_scales are for int8 caches only");
   at::Tensor out = x.clone();
   float* xs = out.data_ptr<float>();
   std::vector<float> h(B * D), tmp(B * D), qkv(B * 3 * inner), att(B * inner), gu(B * 2 * I), act(B * I);
@@ -673,6 +703,8 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
     stack::linear(lins[4 * l], h.data(), qkv.data(), B);
     void* kc = k_caches[l].data_ptr();
     void* vc = v_caches[l].data_ptr();
+    float* ksc = cdt == at::kChar ? kv_scales[2 * l].data_ptr<float>() : nullptr;
+    float* vsc = cdt == at::kChar ? kv_scales[2 * l + 1].data_ptr<float>() : nullptr;
     for (int64_t b = 0; b < B; ++b) {  // RoPE on q and k, then k and v into cache slot p
       float* row = qkv.data() + b * 3 * inner;
       for (int64_t hh = 0; hh < 2 * H; ++hh) stack::rope(row + hh * hd, cs, hd);
@@ -685,13 +717,18 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
             static_cast<c10::BFloat16*>(kc)[slot + d] = c10::BFloat16(kr[d]);
             static_cast<c10::BFloat16*>(vc)[slot + d] = c10::BFloat16(vr[d]);
           }
+        } else if (cdt == at::kChar) {  // as KVCache.update: per-row symmetric int8
+          const int64_t srow = (b * H + hh) * S + p;
+          w8a8::quantize_row(kr, hd, static_cast<int8_t*>(kc) + slot, ksc + srow);
+          w8a8::quantize_row(vr, hd, static_cast<int8_t*>(vc) + slot, vsc + srow);
         } else {
           std::memcpy(static_cast<float*>(kc) + slot, kr, hd * sizeof(float));
           std::memcpy(static_cast<float*>(vc) + slot, vr, hd * sizeof(float));
         }
       }
     }
-    dec::attend_heads(qkv.data(), 3 * inner, hd, kc, vc, cdt, B, H, S, hd, p + 1, qscale, att.data(), inner, hd);
+    dec::attend_heads(qkv.data(), 3 * inner, hd, kc, vc, cdt, B, H, S, hd, p + 1, qscale, att.data(), inner, hd,
+                      ksc, vsc);
     stack::linear(lins[4 * l + 1], att.data(), tmp.data(), B);
     for (int64_t i = 0; i < B * D; ++i) xs[i] += tmp[i];
     stack::rms_norm(xs, norms[2 * l + 1].data_ptr<float>(), h.data(), B, D, feps);
@@ -1662,7 +1699,7 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("layer_norm_fused(Tensor(a!) x, Tensor? add, Tensor weight, Tensor bias, float eps, bool mish) -> Tensor");
   m.def("bias_gelu_(Tensor(a!) y, Tensor bias) -> ()");
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] norms, Tensor(a!)[] k_caches, "
-        "Tensor(b!)[] v_caches, Tensor rope, Tensor input_pos, float eps) -> Tensor");
+        "Tensor(b!)[] v_caches, Tensor(c!)[] kv_scales, Tensor rope, Tensor input_pos, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {

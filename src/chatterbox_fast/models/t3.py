@@ -110,12 +110,11 @@ class Attention(nn.Module):
             self.kv_cache.update(input_pos, k, v)
         if mask is None:  # prefill from position 0: attend to the fresh keys only
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif S == 1 and _cpu_decode_attention(q):  # CPU decode: our kernel reads only slots <= input_pos
+        elif S == 1 and _cpu_decode_attention(q) and not self.kv_cache.quantized:  # reads only slots <= input_pos
             y = torch.ops.chatterbox_fast.decode_attention(q, self.kv_cache.k_cache, self.kv_cache.v_cache, input_pos,
                                                            self.head_dim ** -0.5)  # (B, nh, 1, hd)
         else:  # read only the first kv_len cache slots (a static bucket >= the filled length)
-            kc = self.kv_cache.k_cache[:, :, :kv_len].to(q.dtype)  # (a no-op unless the cache is narrower)
-            vc = self.kv_cache.v_cache[:, :, :kv_len].to(q.dtype)
+            kc, vc = self.kv_cache.read(kv_len, q.dtype)  # (views unless the cache is narrower)
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
         return self.o_proj(y)
@@ -189,9 +188,10 @@ class T3(nn.Module):
         self.max_batch = 0
         self.max_seq = 0
         # KV cache dtype; None: the weights' dtype. The CPU engine's low-precision modes store it in bf16 (our decode
-        # attention widens the rows in registers: half the step's cache bytes, fp32 math)
+        # attention widens the rows in registers: half the step's cache bytes, fp32 math); torch.int8: per-row int8
+        # with fp32 scales (opt-in, kv_cache="int8": a quarter of the bytes)
         self.kv_dtype: torch.dtype | None = None
-        self._kv_tensors: tuple[list[Tensor], list[Tensor]] | None = None  # kv_cache_tensors(), until re-allocated
+        self._kv_tensors: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None  # kv_cache_tensors()
 
     def fuse_projections(self, release=None) -> None:
         """q/k/v and gate/up as single GEMMs in every layer (fewer kernel launches per decode step; same math, the
@@ -240,14 +240,16 @@ class T3(nn.Module):
             layer.self_attn.kv_cache = None
         self._kv_tensors = None
 
-    def kv_cache_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
-        """([k_cache of every layer], [v_cache of every layer]), the fused CPU decode step's arguments; built once
-        per allocation (the nn.Module lookups take ~0.2 ms, per token otherwise). Call after setup_caches."""
+    def kv_cache_tensors(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """([k_cache of every layer], [v_cache of every layer], [k_scale, v_scale of every layer] for an int8 cache,
+        else []), the fused CPU decode step's arguments; built once per allocation (the nn.Module lookups take
+        ~0.2 ms, per token otherwise). Call after setup_caches."""
         if self._kv_tensors is None:
             caches = [layer.self_attn.kv_cache for layer in self.tfmr.layers]
             if any(c is None for c in caches):
                 raise RuntimeError("no KV cache: call setup_caches first")
-            self._kv_tensors = ([c.k_cache for c in caches], [c.v_cache for c in caches])
+            scales = [s for c in caches if c.quantized for s in (c.k_scale, c.v_scale)]
+            self._kv_tensors = ([c.k_cache for c in caches], [c.v_cache for c in caches], scales)
         return self._kv_tensors
 
     # ---- embeddings ---------------------------------------------------------------------------------------
