@@ -30,6 +30,7 @@ selects on CPU); the labels then read "bf16 ..." (the JSON keys keep their int8 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -232,6 +233,9 @@ def distribution_drift(ref: torch.Tensor, test: torch.Tensor, tokens: torch.Tens
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -249,13 +253,22 @@ def parse_args(argv=None):
     ap.add_argument("--format", choices=("int8", "bf16"), default="int8",
                     help="weight format of the converted model in parts 2-3 (quantize_t3 mode; bf16 = bf16 weights, "
                          "fp32 math, what use_mixed_precision selects on CPU)")
-    ap.add_argument("--kv-dtype", choices=("fp32", "bf16"), default="bf16",
+    ap.add_argument("--kv-dtype", choices=("fp32", "bf16", "int8"), default="bf16",
                     help="KV cache of the converted model: bf16 is what the engine uses in its low-precision CPU modes "
-                         "(when our decode attention is built for this CPU); fp32 as before session 8")
+                         "(when our decode attention is built for this CPU); fp32 as before session 8; int8 the "
+                         "opt-in kv_cache='int8' (per-row scales)")
+    ap.add_argument("--also-kv", default="", help="comma-separated KV cache dtypes (fp32, bf16, int8): each int8 "
+                    "mode is also timed on a copy of the converted model with that cache, interleaved")
+    ap.add_argument("--start-pos", type=int, default=0, help="decode from this many positions past the prefill "
+                    "(the skipped cache slots hold zeros: the same bytes to read as real keys): the KV cache's "
+                    "share of a step grows with the position")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "t3_int8.json")
     a = ap.parse_args(argv)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     a.int8_modes = [m.strip() for m in a.int8_modes.split(",") if m.strip()]
+    a.also_kv = [k.strip() for k in a.also_kv.split(",") if k.strip()]
+    if any(k not in ("fp32", "bf16", "int8") for k in a.also_kv) or a.start_pos < 0:
+        ap.error("--also-kv takes fp32, bf16, int8; --start-pos must be >= 0")
     bad = [m for m in a.int8_modes if m not in t3_decode.MODES]
     if bad:
         ap.error(f"unknown --int8-modes {bad}")
@@ -269,13 +282,18 @@ def parse_args(argv=None):
 
 def run_decode(args, fp32: T3, int8: T3, x: torch.Tensor) -> dict:
     S = x.shape[0 + 1]
+    S0 = S + args.start_pos  # first decode position
     chunk = args.steps // args.rounds
-    max_seq = S + args.warmup + chunk * args.rounds + 2
+    max_seq = S0 + args.warmup + chunk * args.rounds + 2
     dargs = argparse.Namespace(threads=args.threads)
     impls = {}
     runs = [("fp32 eager", fp32, "eager")] + [(f"{args.format} {m}", int8, m) for m in args.int8_modes]
     if "fused" in args.int8_modes:  # the engine's layout for the fused step, set before any mode compiles
         pack_t3(int8)
+    for kv in args.also_kv:  # the same converted weights over another KV cache dtype
+        other = copy.deepcopy(int8)
+        other.kv_dtype = KV_DTYPES[kv]
+        runs += [(f"{args.format} {m} kv-{kv}", other, m) for m in args.int8_modes]
     for name, model, mode in runs:
         model.setup_caches(2, max_seq)
         o = t3_decode.Ours(model, mode, S, dargs)
@@ -290,10 +308,10 @@ def run_decode(args, fp32: T3, int8: T3, x: torch.Tensor) -> dict:
             print(f"  compiled in {o.compile_s:.0f} s (compiled={o.step.is_compiled}); RSS {rss0:.2f} -> "
                   f"{impls[name]['rss_after_gb']:.2f} GB", flush=True)
         if args.warmup:
-            o.run(args.warmup, S)
+            o.run(args.warmup, S0)
     rounds = []
     for r in range(args.rounds):
-        pos = S + args.warmup + r * chunk
+        pos = S0 + args.warmup + r * chunk
         order = list(impls) + ["bandwidth"]
         k = r % len(order)
         rd: dict = {"pos": pos}
@@ -352,6 +370,8 @@ def main(argv=None) -> None:
         int8 = quantize_t3(t3_decode.load_ours(args.ckpt), args.format)  # (named int8 below, whatever --format)
         if args.kv_dtype == "bf16" and cpu_kernels.decode_attention_ready():
             int8.kv_dtype = torch.bfloat16  # as the engine
+        elif args.kv_dtype == "int8":
+            int8.kv_dtype = torch.int8  # kv_cache="int8"
         t3_decode.release_memory()
         data["resident"] = {
             "format": args.format, "int8_linear_bytes": int8_linear_bytes(int8),
