@@ -27,6 +27,7 @@ run counts. Modes:
                  changes the numbers, opt-in)
   int8-compiled-flowint8attn  the same with s3gen_quantize="int8-attn" (also int8 attention in the
                  estimator; AVX512-VNNI CPUs; changes the numbers, opt-in)
+  int8-compiled-flowint8attn-kv8  the same with kv_cache="int8" (T3's KV cache in int8, CPU only; opt-in)
 usage: python benchmarks/compare.py --ckpt-dir DIR [--device cuda] [--modes eager,bf16] [--cases short,medium,long]
        [--rounds N]
 """
@@ -66,7 +67,9 @@ MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quan
     "int8-compiled-cfm5": (True, False, True, "int8", 5, None),
     "int8-compiled-flowint8": (True, False, True, "int8", None, "int8"),
     "int8-compiled-flowint8attn": (True, False, True, "int8", None, "int8-attn"),
+    "int8-compiled-flowint8attn-kv8": (True, False, True, "int8", None, "int8-attn"),
 }
+KV_CACHE = {"int8-compiled-flowint8attn-kv8": "int8"}  # modes with a kv_cache option (default otherwise)
 STOP_SPEECH, START_SPEECH = 6562, 6561
 DEFAULT_REF_PYTHON = Path(os.environ.get("CHATTERBOX_FAST_ORACLE_DIR",
                                          Path.home() / ".cache/chatterbox-fast/oracle")) / "venv/bin/python"
@@ -100,8 +103,11 @@ def run_ours(a, cases, mode: str) -> dict:
         return {"skipped": f"mode {mode} is CUDA-only"}
     if cuda and s3gen_quantize is not None:
         return {"skipped": f"mode {mode} is CPU-only"}
+    kv_cache = KV_CACHE.get(mode)
+    if cuda and kv_cache == "int8":
+        return {"skipped": f"mode {mode} is CPU-only"}
     res = {"impl": "ours", "mode": mode, "quantize": quantize, "cfm_steps": cfm_steps or 10,
-           "s3gen_quantize": s3gen_quantize, "cases": {}}
+           "s3gen_quantize": s3gen_quantize, "kv_cache": kv_cache, "cases": {}}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -111,7 +117,8 @@ def run_ours(a, cases, mode: str) -> dict:
         eng = OptimizedChatterboxTTS.from_local(a.ckpt_dir, device=a.device, enable_compilation=compiled,
                                                 use_mixed_precision=bf16, enable_watermark=a.watermark,
                                                 cuda_graphs=graphs, quantize=quantize,
-                                                **({"s3gen_quantize": s3gen_quantize} if s3gen_quantize else {}))
+                                                **({"s3gen_quantize": s3gen_quantize} if s3gen_quantize else {}),
+                                                **({"kv_cache": kv_cache} if kv_cache else {}))
     res["load_s"] = time.perf_counter() - t0
     if cuda:
         res["gpu_after_load_gb"] = torch.cuda.memory_allocated() / 1e9
