@@ -77,6 +77,7 @@ MODES = {f"{c}-{p}": {"enable_compilation": c == "compiled", **opts}
 # CPU fast modes: int8 T3 plus the opt-in int8 flow estimator GEMMs (+ int8 attention, AVX512-VNNI CPUs)
 MODES.update({f"compiled-int8-{name}": {"enable_compilation": True, "quantize": "int8", "s3gen_quantize": q}
               for name, q in (("flowint8", "int8"), ("flowint8attn", "int8-attn"))})
+MODES["eager-int8-kv8"] = {"enable_compilation": False, "quantize": "int8", "kv_cache": "int8"}  # CPU: int8 KV cache
 DEFAULT_MODES = {"cpu": "eager-fp32,compiled-fp32",  # on CPU bf16 = bf16 T3 weights, fp32 math (compiled-bf16)
                  "cuda": "eager-fp32,compiled-bf16,eager-bf16,compiled-fp32,compiled-int8"}  # most telling first
 
@@ -179,10 +180,13 @@ def t3_weight_bytes(t3) -> tuple[int, dict[str, int]]:
 
 
 def kv_read_bytes(t3, batch: int, n_pos: float) -> int:
-    """K and V bytes one decode step reads attending over n_pos positions, all layers, at the cache's dtype."""
+    """K and V bytes one decode step reads attending over n_pos positions, all layers, at the cache's dtype (an int8
+    cache's rows also carry one fp32 scale each)."""
+    cfg = t3.cfg
     cache = t3.tfmr.layers[0].self_attn.kv_cache
     itemsize = cache.k_cache.element_size() if cache is not None else 4
-    cfg = t3.cfg
+    if cache is not None and cache.quantized:
+        itemsize += 4 / cfg.head_dim
     return int(2 * cfg.n_layers * batch * cfg.n_heads * cfg.head_dim * n_pos * itemsize)
 
 
