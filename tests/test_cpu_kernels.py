@@ -404,10 +404,15 @@ def test_ops_trace_into_one_compiled_graph(ops):
     w8, s = torch.randint(-127, 128, (24, 32), dtype=torch.int8), torch.rand(24)
     wb = torch.randn(24, 32).bfloat16()
 
+    nw, nb = torch.randn(24), torch.randn(24)
+
     def f(x):
         a = x.view(2, 4, 2, 4)  # (B, T, H, D) view for the attention
         attn = ops.full_attention(a, a, a, 0.5).reshape(2, 32)[:, :24]
-        return ops.int8_linear(x, w8, s) + ops.bf16_linear(x, wb) + attn
+        y = ops.int8_linear(x, w8, s) + ops.bf16_linear(x, wb) + attn
+        h = ops.layer_norm_fused(y, nb, nw, nb, 1e-5, True)  # adds nb into y in place
+        ops.bias_gelu_(h, nw)
+        return h + y
 
     x = torch.randn(2, 32)
     torch._dynamo.reset()
