@@ -4,8 +4,10 @@ Fixtures: tests/reference/dumps/hift.py. Cases `voiced_*`/`cache_*`/`loud_*` use
 deterministic `perturb_mel2wav` (the raw random checkpoint has g == ||v||, alpha == 1 and f0 < 1 Hz, which would hide
 bugs); `loud_*` also drives the magnitudes past the clip at 100 and the waveform into the 0.99 clamp.
 
-Tolerances (fp32; observed on the oracle's own machine/torch build: every error below is exactly 0, because we run
-the same ops in the same order and fold weight-norm with torch's own kernel):
+Tolerances (fp32; observed on the oracle's own machine/torch build with the plain Conv1d modules: every error below
+is exactly 0, because we run the same ops in the same order and fold weight-norm with torch's own kernel; on a CPU the
+vocoder now runs its convolutions channels-last (faster in oneDNN), which only changes float summation order: ~1e-7
+on the waveform, well inside these bounds):
   - f0: rtol 1e-5 + atol 1e-4 Hz (5 convs with 1536-4608-term reductions; f0 up to ~300 Hz).
   - source s from the reference f0, waveform from the reference s: atol 1e-5 (s in [-1, 1], wav rms ~0.01).
   - end to end, unvoiced cases: the same 1e-5.
@@ -291,6 +293,32 @@ def test_output_length_random_weights(frames):
         wav, s = model(mel, generator=torch.Generator().manual_seed(0))
     assert wav.shape == (2, 480 * frames) and s.shape == (2, 1, 480 * frames)
     assert HiFTConfig().upsample_factor == 480 and HiFTConfig().num_harmonics == 9
+
+
+def test_channels_last_convolutions_match_the_modules(models, monkeypatch):
+    """On CPU at inference the vocoder's convolutions run as 2-D ones over channels-last memory (faster in oneDNN);
+    the same model through the plain Conv1d modules gives the same waveform to float rounding. Both paths are
+    really taken (conv2d calls counted)."""
+    from chatterbox_fast.models.s3gen import hift as hift_mod
+
+    model = models["voiced"]
+    mel = torch.randn(1, 80, 40, generator=torch.Generator().manual_seed(3)) * 2 - 4
+    calls = {"n": 0}
+    real = hift_mod.F.conv2d
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(hift_mod.F, "conv2d", counting)
+    with torch.inference_mode():
+        fast, _ = model(mel, generator=torch.Generator().manual_seed(0))
+        assert calls["n"] > 30, calls  # conv_pre, 3 x (source down + 4 x 6 resblock convs)
+        monkeypatch.setattr(hift_mod, "_channels_last", lambda x: False)
+        n = calls["n"]
+        plain, _ = model(mel, generator=torch.Generator().manual_seed(0))
+        assert calls["n"] == n
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-6)
 
 
 def test_bad_input():

@@ -83,6 +83,35 @@ class Snake(nn.Module):
         return (x * alpha).sin_().pow_(2).mul_(1.0 / (alpha + 1e-9)).add_(x)  # one (B, C, T) buffer, not four
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def _conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for (B, C, T) x; on a CPU at inference, run as a 2-D convolution over channels-last (B, T, C) memory,
+    which oneDNN computes 1.4-1.7x faster for the vocoder's shapes (64-512 channels, 4k-60k samples) than the
+    (B, C, T) layout. The output stays channels-last in memory (still a (B, C, T) tensor, so the next convolution
+    needs no copy) and differs from conv(x) by float summation order only."""
+    if not _channels_last(x) or conv.groups != 1 or conv.padding_mode != "zeros":
+        return conv(x)
+    x4 = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # a no-op when x is channels-last already
+    w4 = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (O, I, 1, k), <= 1.8 MB
+    y = F.conv2d(x4, w4, conv.bias, stride=(1, conv.stride[0]), padding=(0, conv.padding[0]),
+                 dilation=(1, conv.dilation[0]))
+    return y.squeeze(2)
+
+
+def _conv_transpose1d(conv: nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x), channels-last on a CPU at inference, as `_conv1d`."""
+    if not _channels_last(x) or conv.groups != 1:
+        return conv(x)
+    x4 = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    w4 = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (I, O, 1, k)
+    y = F.conv_transpose2d(x4, w4, conv.bias, stride=(1, conv.stride[0]), padding=(0, conv.padding[0]),
+                           output_padding=(0, conv.output_padding[0]), dilation=(1, conv.dilation[0]))
+    return y.squeeze(2)
+
+
 class ResBlock(nn.Module):
     """Snake residual block: for each dilation d, x += conv2(snake2(conv1_d(snake1(x)))); 'same' padding."""
 
@@ -99,7 +128,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, C, T)
         for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
-            x = conv2(act2(conv1(act1(x)))).add_(x)  # conv2's output is fresh: add in place
+            x = _conv1d(conv2, act2(_conv1d(conv1, act1(x)))).add_(x)  # conv2's output is fresh: add in place
         return x
 
 
@@ -219,20 +248,20 @@ class HiFTGenerator(nn.Module):
         spec = torch.view_as_real(spec)  # (B, 9, 120 T + 1, 2)
         s_stft = torch.cat([spec[..., 0], spec[..., 1]], dim=1).to(mel.dtype)  # (B, 18, 120 T + 1)
 
-        x = self.conv_pre(mel)  # (B, 512, T)
+        x = _conv1d(self.conv_pre, mel)  # (B, 512, T), channels-last in memory on CPU
         n_stages, n_k = len(self.ups), len(cfg.resblock_kernel_sizes)
         for i in range(n_stages):
             x = F.leaky_relu(x, cfg.lrelu_slope)
-            x = self.ups[i](x)  # (B, C_i, T * prod(rates[:i+1]))
+            x = _conv_transpose1d(self.ups[i], x)  # (B, C_i, T * prod(rates[:i+1]))
             if i == n_stages - 1:
                 x = F.pad(x, (1, 0), mode="reflect")  # 120 T -> 120 T + 1, matching the STFT frames
-            x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
+            x = x + self.source_resblocks[i](_conv1d(self.source_downs[i], s_stft))
             xs = self.resblocks[i * n_k](x)
             for j in range(1, n_k):
                 xs = xs.add_(self.resblocks[i * n_k + j](x))  # xs is a fresh resblock output
             x = xs.div_(n_k)
         x = F.leaky_relu(x)  # default slope 0.01 (sic)
-        x = self.conv_post(x).float()  # (B, 18, 120 T + 1)
+        x = self.conv_post(x).float()  # (B, 18, 120 T + 1), back in (B, C, T) memory (a module call: hooks see it)
         magnitude = torch.clip(torch.exp(x[:, : cfg.n_bins]), max=1e2)
         phase = torch.sin(x[:, cfg.n_bins :])  # sin of the predicted phase (sic)
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
