@@ -49,8 +49,8 @@ from chatterbox_fast import kernels as cpu_kernels  # noqa: E402
 from chatterbox_fast.config import T3Config  # noqa: E402
 from chatterbox_fast.generation.sampling import SamplingParams, process_logits  # noqa: E402
 from chatterbox_fast.models.t3 import T3  # noqa: E402
-from chatterbox_fast.quantize import (Bf16Linear, Int8Linear, int8_linear_bytes, low_precision_linear_bytes,  # noqa: E402
-                                      pack_t3, quantize_t3, quantize_weight_int8)
+from chatterbox_fast.quantize import (KV_CACHE_DTYPES, Bf16Linear, Int8Linear, int8_linear_bytes,  # noqa: E402
+                                      low_precision_linear_bytes, pack_t3, quantize_t3, quantize_weight_int8)
 
 NOTE = ("weights are random (oracle checkpoint, official shapes): speed is unaffected; drift on random weights is "
         "a weak proxy for drift on the released weights")
@@ -233,9 +233,6 @@ def distribution_drift(ref: torch.Tensor, test: torch.Tensor, tokens: torch.Tens
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
-KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -267,7 +264,7 @@ def parse_args(argv=None):
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     a.int8_modes = [m.strip() for m in a.int8_modes.split(",") if m.strip()]
     a.also_kv = [k.strip() for k in a.also_kv.split(",") if k.strip()]
-    if any(k not in ("fp32", "bf16", "int8") for k in a.also_kv) or a.start_pos < 0:
+    if any(k not in KV_CACHE_DTYPES for k in a.also_kv) or a.start_pos < 0:
         ap.error("--also-kv takes fp32, bf16, int8; --start-pos must be >= 0")
     bad = [m for m in a.int8_modes if m not in t3_decode.MODES]
     if bad:
@@ -292,7 +289,7 @@ def run_decode(args, fp32: T3, int8: T3, x: torch.Tensor) -> dict:
         pack_t3(int8)
     for kv in args.also_kv:  # the same converted weights over another KV cache dtype
         other = copy.deepcopy(int8)
-        other.kv_dtype = KV_DTYPES[kv]
+        other.kv_dtype = KV_CACHE_DTYPES[kv]
         runs += [(f"{args.format} {m} kv-{kv}", other, m) for m in args.int8_modes]
     for name, model, mode in runs:
         model.setup_caches(2, max_seq)

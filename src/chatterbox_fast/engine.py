@@ -201,8 +201,8 @@ class OptimizedChatterboxTTS:
         or use_mixed_precision on a CPU); "fp32" / "bf16" force one; "int8" (CPU only, opt-in, CHANGES THE OUTPUT):
         one int8 per value with an fp32 scale per (head, position) row, a quarter of the bytes each decode step reads
         from the cache (what grows with the length of the generation; drift in BENCHMARKS.md)."""
-        from .quantize import (check_int8_attention_supported, check_kv_cache_mode, check_quantize_mode,
-                               check_s3gen_quantize_mode, quantize_s3gen, quantize_t3)
+        from .quantize import (KV_CACHE_DTYPES, check_int8_attention_supported, check_kv_cache_mode,
+                               check_quantize_mode, check_s3gen_quantize_mode, quantize_s3gen, quantize_t3)
 
         check_quantize_mode(quantize)
         check_s3gen_quantize_mode(s3gen_quantize)
@@ -237,7 +237,7 @@ class OptimizedChatterboxTTS:
             if dev.type == "cpu" and cpu_kernels.decode_attention_ready():
                 parts.t3.kv_dtype = torch.bfloat16  # low-precision modes: a bf16 KV cache too (half its bytes)
         if kv_cache is not None:
-            parts.t3.kv_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[kv_cache]
+            parts.t3.kv_dtype = KV_CACHE_DTYPES[kv_cache]
             if kv_cache == "fp32" and t3_dtype == torch.bfloat16:
                 parts.t3.kv_dtype = None  # CUDA bf16 activations: the cache follows them
         # tap-major causal convs and one q/k/v GEMM per attention (same values; the int8 mode has its own q/k/v)

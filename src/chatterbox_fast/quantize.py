@@ -87,12 +87,12 @@ def _check_mode(name: str, mode: str | None, allowed: tuple[str, ...]) -> str | 
     return mode
 
 
-KV_CACHE_MODES = ("fp32", "bf16", "int8")
+KV_CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}  # kv_cache= -> T3.kv_dtype
 
 
 def check_kv_cache_mode(mode: str | None) -> str | None:
-    """None (the engine's default: fp32, bf16 in the CPU's low-precision modes) or one of KV_CACHE_MODES."""
-    return _check_mode("kv_cache", mode, KV_CACHE_MODES)
+    """None (the engine's default: fp32, bf16 in the CPU's low-precision modes) or a key of KV_CACHE_DTYPES."""
+    return _check_mode("kv_cache", mode, tuple(KV_CACHE_DTYPES))
 
 
 def check_quantize_mode(mode: str | None) -> str | None:

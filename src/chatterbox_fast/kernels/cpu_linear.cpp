@@ -160,8 +160,7 @@ struct Isa {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+    return _mm256_andnot_ps(under, scale2(p, n));
   }
   static __m256i mask(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
