@@ -28,6 +28,8 @@ run counts. Modes:
   int8-compiled-flowint8attn  the same with s3gen_quantize="int8-attn" (also int8 attention in the
                  estimator; AVX512-VNNI CPUs; changes the numbers, opt-in)
   int8-compiled-flowint8attn-kv8  the same with kv_cache="int8" (T3's KV cache in int8, CPU only; opt-in)
+  eager-spec  eager + speculative="int8" (CPU: an int8 draft proposes, fp32 T3 verifies several tokens per pass;
+              exact: the same tokens and audio as eager, bit for bit)
 usage: python benchmarks/compare.py --ckpt-dir DIR [--device cuda] [--modes eager,bf16] [--cases short,medium,long]
        [--rounds N]
 """
@@ -68,8 +70,10 @@ MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quan
     "int8-compiled-flowint8": (True, False, True, "int8", None, "int8"),
     "int8-compiled-flowint8attn": (True, False, True, "int8", None, "int8-attn"),
     "int8-compiled-flowint8attn-kv8": (True, False, True, "int8", None, "int8-attn"),
+    "eager-spec": (False, False, False, None, None, None),
 }
 KV_CACHE = {"int8-compiled-flowint8attn-kv8": "int8"}  # modes with a kv_cache option (default otherwise)
+SPECULATIVE = {"eager-spec": "int8"}  # modes with a speculative option
 STOP_SPEECH, START_SPEECH = 6562, 6561
 DEFAULT_REF_PYTHON = Path(os.environ.get("CHATTERBOX_FAST_ORACLE_DIR",
                                          Path.home() / ".cache/chatterbox-fast/oracle")) / "venv/bin/python"
@@ -104,10 +108,11 @@ def run_ours(a, cases, mode: str) -> dict:
     if cuda and s3gen_quantize is not None:
         return {"skipped": f"mode {mode} is CPU-only"}
     kv_cache = KV_CACHE.get(mode)
-    if cuda and kv_cache == "int8":
+    speculative = SPECULATIVE.get(mode)
+    if cuda and (kv_cache == "int8" or speculative):
         return {"skipped": f"mode {mode} is CPU-only"}
     res = {"impl": "ours", "mode": mode, "quantize": quantize, "cfm_steps": cfm_steps or 10,
-           "s3gen_quantize": s3gen_quantize, "kv_cache": kv_cache, "cases": {}}
+           "s3gen_quantize": s3gen_quantize, "kv_cache": kv_cache, "speculative": speculative, "cases": {}}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -118,7 +123,8 @@ def run_ours(a, cases, mode: str) -> dict:
                                                 use_mixed_precision=bf16, enable_watermark=a.watermark,
                                                 cuda_graphs=graphs, quantize=quantize,
                                                 **({"s3gen_quantize": s3gen_quantize} if s3gen_quantize else {}),
-                                                **({"kv_cache": kv_cache} if kv_cache else {}))
+                                                **({"kv_cache": kv_cache} if kv_cache else {}),
+                                                **({"speculative": speculative} if speculative else {}))
     res["load_s"] = time.perf_counter() - t0
     if cuda:
         res["gpu_after_load_gb"] = torch.cuda.memory_allocated() / 1e9
@@ -163,6 +169,8 @@ def run_ours(a, cases, mode: str) -> dict:
                 n = wav.shape[-1]
                 run = {"total_ms": total, "stages": stages, "decode_steps": steps - 1, "samples": n,
                        "audio_s": n / eng.sr}
+                if getattr(eng, "_speculative", None) is not None:
+                    run["speculative"] = dict(eng._speculative.last_stats)  # rounds / drafted / accepted / tokens
                 if cuda:
                     run["gpu_peak_alloc_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 runs.append(run)

@@ -15,7 +15,7 @@ def test_help_reads_well(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--voice", "--ckpt-dir", "--seed", "--cfg-weight", "--no-watermark", "--exaggeration", "--cfm-steps",
-                 "--s3gen-quantize"):
+                 "--s3gen-quantize", "--speculative"):
         assert flag in out
 
 
@@ -23,7 +23,8 @@ def test_speak_writes_a_24k_wav(oracle_ckpt, tmp_path, capsys):
     out = tmp_path / "hello.wav"
     rc = main(["speak", "Hello from the command line.", "-o", str(out), "--ckpt-dir", str(oracle_ckpt),
                "--device", "cpu", "--no-watermark", "--max-new-tokens", "6", "--seed", "0", "--cfm-steps", "4",
-               "--s3gen-quantize", "int8-attn" if kernels.load() and kernels.int8_attention_ready() else "int8"])
+               "--s3gen-quantize", "int8-attn" if kernels.load() and kernels.int8_attention_ready() else "int8",
+               *(["--speculative", "int8"] if kernels.load() and kernels.isa() in ("avx512", "avx2") else [])])
     assert rc == 0
     info = sf.info(out)
     assert info.samplerate == 24000 and info.channels == 1 and info.frames > 0

@@ -551,6 +551,28 @@ def test_other_isa_builds_match_fp64(isa, tmp_path):
                     for st in (sa, sb):
                         st.input_pos += 1
                         st.speech_pos += 1
+        # k tokens in one call == k one-token calls, bit for bit (this build's multi-row linear tiles: a is int8
+        # row-major; the speculative decoder's verification relies on it)
+        op = torch.ops.chatterbox_fast.decode_layers
+        with torch.inference_mode():
+            c = copy.deepcopy(a)
+            for m in (a, c):
+                m.kv_dtype = None
+                m.setup_caches(2, 32)
+                prefill(m, x)
+            toks = torch.tensor([3, 50, 700, 9, 11])
+            s = new_state(a, 9, 2, "cpu")
+            one = []
+            for i in range(5):
+                e = a.speech_embed(toks[i:i + 1], s.speech_pos, 2).reshape(2, -1).contiguous()
+                one.append(op(e, *layer_weights(a), *a.kv_cache_tensors(), a.rope, s.input_pos, a.cfg.norm_eps))
+                s.input_pos += 1
+                s.speech_pos += 1
+            s = new_state(c, 9, 2, "cpu")
+            e = c.speech_emb(toks) + c.speech_pos_emb.emb(s.speech_pos + torch.arange(5))
+            many = op(e.unsqueeze(1).expand(5, 2, -1).contiguous(), *layer_weights(c), *c.kv_cache_tensors(), c.rope,
+                      s.input_pos, c.cfg.norm_eps)
+            assert torch.equal(many, torch.stack(one)), kernels.isa()
         assert (fused_step_unsupported(b) is None) == (kernels.isa() == "avx2"), fused_step_unsupported(b)
         x = torch.randn(2, 37, 3, 2, 64, generator=torch.Generator().manual_seed(7))
         torch.save(torch.ops.chatterbox_fast.full_attention_int8(x[:, :, 0], x[:, :, 1], x[:, :, 2], 0.125),

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 WARM_POSITIONS = 1100  # KV-cache positions allocated at warm-up: conditioning 34 + text + 1000 new tokens
 MAX_CFM_STEPS = 100  # upper bound accepted for generate(cfm_steps=...)
+SPECULATIVE_MODES = ("int8",)  # from_local(speculative=...): the draft's weight format
 
 
 def _trim_heap() -> None:
@@ -122,7 +123,8 @@ class OptimizedChatterboxTTS:
     release_kv_cache = True  # CPU: free the KV cache after each generation's T3 stage (see _release_kv_cache)
 
     def __init__(self, parts: Components, device: torch.device, *, enable_compilation: bool = False,
-                 use_mixed_precision: bool = False, enable_watermark: bool = True, cuda_graphs: bool = True):
+                 use_mixed_precision: bool = False, enable_watermark: bool = True, cuda_graphs: bool = True,
+                 speculative: str | None = None):
         self.t3 = parts.t3
         self.s3gen = parts.s3gen
         self.conditioner = parts.conditioner
@@ -148,8 +150,27 @@ class OptimizedChatterboxTTS:
             from .generation.cuda_graph import graph_estimator
 
             graph_estimator(self.s3gen, torch.bfloat16 if use_mixed_precision else None, graphs=self.cuda_graphs)
+        self._speculative = None  # generation/speculative.SpeculativeDecoder when speculative="int8"
+        if speculative is not None:
+            self._speculative = self._speculative_decoder(speculative)
         if enable_compilation and self._step_fn is not None and not self.fused_decode:
             self.warm_up()
+
+    def _speculative_decoder(self, mode: str):
+        from .generation.fused import fused_step_unsupported
+        from .generation.speculative import SpeculativeDecoder
+
+        if mode not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be None or one of {SPECULATIVE_MODES}, got {mode!r}")
+        reason = None if self.fused_decode else "T3 does not decode through the fused CPU step here"
+        qkv = self.t3.tfmr.layers[0].self_attn.qkv_proj
+        if reason is None and not (type(qkv) is torch.nn.Linear and qkv.weight.dtype == torch.float32):
+            reason = "T3's layer linears are not fp32 (quantize / use_mixed_precision on a CPU)"
+        reason = reason or fused_step_unsupported(self.t3)
+        if reason is not None:
+            raise ValueError(f"speculative={mode!r} needs exact fp32 T3 decoding through the fused CPU step (device "
+                             f"cpu, quantize=None, use_mixed_precision=False, C++ kernels built): {reason}")
+        return SpeculativeDecoder(self.t3, self._step_fn)
 
     def warm_up(self) -> None:
         """Compile / capture the decode step now rather than in the first request (called at load with
@@ -172,19 +193,19 @@ class OptimizedChatterboxTTS:
                         enable_watermark: bool = True, repo_id: str = REPO_ID, revision: str | None = None,
                         cache_dir: str | None = None, quantize: str | None = None,
                         cuda_graphs: bool = True, s3gen_quantize: str | None = None,
-                        kv_cache: str | None = None) -> "OptimizedChatterboxTTS":
+                        kv_cache: str | None = None, speculative: str | None = None) -> "OptimizedChatterboxTTS":
         """Download (or reuse the Hugging Face cache of) ResembleAI/chatterbox and load it."""
         ckpt = download_checkpoint(repo_id, revision, cache_dir)
         return cls.from_local(ckpt, device=device, enable_compilation=enable_compilation,
                               use_mixed_precision=use_mixed_precision, enable_watermark=enable_watermark,
                               quantize=quantize, cuda_graphs=cuda_graphs, s3gen_quantize=s3gen_quantize,
-                              kv_cache=kv_cache)
+                              kv_cache=kv_cache, speculative=speculative)
 
     @classmethod
     def from_local(cls, ckpt_dir, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
                    enable_watermark: bool = True, quantize: str | None = None,
                    cuda_graphs: bool = True, s3gen_quantize: str | None = None,
-                   kv_cache: str | None = None) -> "OptimizedChatterboxTTS":
+                   kv_cache: str | None = None, speculative: str | None = None) -> "OptimizedChatterboxTTS":
         """Load from a folder holding ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json
         and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads.
         quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md);
@@ -200,7 +221,11 @@ class OptimizedChatterboxTTS:
         kv_cache: T3's KV cache storage. None: fp32 (exact), bf16 in the CPU's low-precision modes (quantize set,
         or use_mixed_precision on a CPU); "fp32" / "bf16" force one; "int8" (CPU only, opt-in, CHANGES THE OUTPUT):
         one int8 per value with an fp32 scale per (head, position) row, a quarter of the bytes each decode step reads
-        from the cache (what grows with the length of the generation; drift in BENCHMARKS.md)."""
+        from the cache (what grows with the length of the generation; drift in BENCHMARKS.md).
+        speculative="int8" (CPU, exact fp32 T3 only; opt-in, does NOT change the output): an int8 copy of T3's layers
+        (+0.5 GB) drafts a few tokens per round with the same sampling noise, and the fp32 model checks them all in
+        one pass over its weights (generation/speculative.py): the same tokens as without it, bit for bit, in less
+        time (BENCHMARKS.md)."""
         from .quantize import (KV_CACHE_DTYPES, check_int8_attention_supported, check_kv_cache_mode,
                                check_quantize_mode, check_s3gen_quantize_mode, quantize_s3gen, quantize_t3)
 
@@ -215,6 +240,8 @@ class OptimizedChatterboxTTS:
             raise ValueError(f"s3gen_quantize={s3gen_quantize!r} is a CPU mode (int8 GEMMs); on {dev.type} leave it "
                              "None (use_mixed_precision=True selects bf16 on CUDA)")
         check_int8_attention_supported(s3gen_quantize)
+        if speculative is not None and speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be None or one of {SPECULATIVE_MODES}, got {speculative!r}")
         if dev.type == "cpu":
             cpu_kernels.load()  # our C++ kernels (T3 decode attention, int8 / bf16 linears); a failed build warns
         t3_dtype = torch.float32
@@ -249,7 +276,7 @@ class OptimizedChatterboxTTS:
         if s3gen_quantize is not None:
             quantize_s3gen(parts.s3gen, s3gen_quantize, release=release_file_pages)
         return cls(parts, dev, enable_compilation=enable_compilation, use_mixed_precision=use_mixed_precision,
-                   enable_watermark=enable_watermark, cuda_graphs=cuda_graphs)
+                   enable_watermark=enable_watermark, cuda_graphs=cuda_graphs, speculative=speculative)
 
     def _graph_decode(self, compiled: bool):
         """CUDA: the decode step replayed from CUDA graphs; with compilation, its logits part is an inductor graph
@@ -355,7 +382,10 @@ class OptimizedChatterboxTTS:
         x = t3.prefill_embeds(cond, text_ids.to(self.device), cfg_batch=params.use_cfg)
         progress = _Progress(params.max_new_tokens) if verbose else None
         try:
-            raw = generate_tokens(t3, x, params, generator=generator, step_fn=self._step_fn, on_token=progress)
+            if self._speculative is not None:
+                raw = self._speculative.generate(x, params, generator=generator, on_token=progress)
+            else:
+                raw = generate_tokens(t3, x, params, generator=generator, step_fn=self._step_fn, on_token=progress)
         finally:
             self._release_kv_cache()
         if progress is not None:
@@ -368,6 +398,8 @@ class OptimizedChatterboxTTS:
         on a 2-core CPU). On CUDA it stays: the CUDA graphs are bound to its addresses."""
         if self.device.type == "cpu" and self.release_kv_cache:
             self.t3.release_caches()
+            if self._speculative is not None:
+                self._speculative.release_caches()
             _trim_heap()
 
     @torch.inference_mode()

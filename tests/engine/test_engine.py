@@ -148,3 +148,22 @@ def test_watermark_without_perth_fails_at_load_with_a_hint(oracle_ckpt, monkeypa
     monkeypatch.setitem(sys.modules, "perth", None)  # `import perth` raises ImportError, installed or not
     with pytest.raises(ImportError, match=r"chatterbox-fast\[watermark\]"):
         OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=True)
+
+
+def test_speculative_decoding_gives_the_same_tokens_and_waveform(tts, oracle_ckpt):
+    """speculative="int8" (opt-in): an int8 draft proposes, fp32 T3 decides; the tokens, the generator state and so
+    the waveform are the default engine's, bit for bit (tests/generation/test_speculative.py for the why)."""
+    spec = OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, speculative="int8")
+    for e in (tts, spec):
+        e.set_voice(oracle_ckpt / "conds.pt")
+    p = dict(max_new_tokens=14, seed=4)
+    assert torch.equal(spec.generate("Same words, fewer passes.", **p), tts.generate("Same words, fewer passes.", **p))
+    assert not spec.t3.caches_allocated and not spec._speculative.draft.caches_allocated  # both freed after T3
+
+
+def test_speculative_needs_exact_fp32_t3(oracle_ckpt):
+    with pytest.raises(ValueError, match="speculative"):
+        OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, speculative="int4")
+    with pytest.raises(ValueError, match="exact fp32"):
+        OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, speculative="int8",
+                                          quantize="int8")

@@ -93,6 +93,7 @@ class FusedDecodeStep:
             raise ValueError(f"FusedDecodeStep: {reason}")
         self.model = model
         self.weights, self.scales, self.norms = layer_weights(model)
+
     def step_logits(self, model: T3, token: Tensor, state: DecodeState, kv_len: int) -> Tensor:
         """As decode.step_logits: token (1,) at state's positions -> raw speech logits (B, V) fp32. kv_len is
         unused (the kernel reads the cache slots <= state.input_pos)."""
@@ -104,6 +105,24 @@ class FusedDecodeStep:
         h = torch.ops.chatterbox_fast.decode_layers(x, self.weights, self.scales, self.norms, k_caches, v_caches,
                                                     kv_scales, model.rope, state.input_pos, model.cfg.norm_eps)
         return model.speech_logits(model.tfmr.norm(h))  # (B, V)
+
+    def tokens_logits(self, model: T3, tokens: Tensor, state: DecodeState) -> Tensor:
+        """Feed tokens (k,) at state's positions onwards in one call (k cache slots written, causal among them) ->
+        raw speech logits (B, k, V) fp32, column j the logits after tokens[j]. Does not advance state. The weights
+        are read once for all k tokens (the speculative decoder's verification, generation/speculative.py)."""
+        if model is not self.model:
+            raise ValueError("this fused step belongs to another T3 instance")
+        k, B, D = tokens.shape[0], state.batch, model.cfg.dim
+        steps = torch.arange(k, device=tokens.device)
+        e = model.speech_emb(tokens) + model.speech_pos_emb.emb(state.speech_pos + steps)  # (k, D)
+        x = e.unsqueeze(1).expand(k, B, D).contiguous()  # (k, B, D)
+        k_caches, v_caches, kv_scales = model.kv_cache_tensors()
+        h = torch.ops.chatterbox_fast.decode_layers(x, self.weights, self.scales, self.norms, k_caches, v_caches,
+                                                    kv_scales, model.rope, state.input_pos, model.cfg.norm_eps)
+        hn = model.tfmr.norm(h)  # (k, B, D)
+        # the head one token at a time: the same (B, D) GEMM as the one-token step (BLAS may sum a taller one in
+        # another order), so each token's logits are bit-identical to the step's
+        return torch.stack([model.speech_logits(hn[j]) for j in range(k)], dim=1)  # (B, k, V)
 
     def __call__(self, model: T3, token: Tensor, state: DecodeState, noise: Tensor, params: SamplingParams,
                  kv_len: int) -> Tensor:

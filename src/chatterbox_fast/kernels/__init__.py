@@ -35,9 +35,10 @@ Both accumulate in fp32 over fp32 activations: the only rounding is the stored w
   the last dim of x + add (add, when given, is written into x first: a GEMM's pending bias), then Mish if `mish`;
   `bias_gelu_(y (..., N), bias (N,))`: y = gelu(y + bias) in place, exact (erf) GELU. The estimator's elementwise
   passes in one pass each (fp32; they differ from ATen by float rounding, as ATen's own kernels differ by ISA).
-- `torch.ops.chatterbox_fast.decode_layers(x (B, D), weights, scales, norms, k_caches, v_caches, kv_scales, rope,
-  input_pos, eps) -> (B, D)`: every T3 layer of one decode step in one call (generation/fused.py), writing each
-  layer's k / v into its cache slot input_pos; int8 / bf16 / fp32 layer weights, fp32 / bf16 / int8 caches (int8:
+- `torch.ops.chatterbox_fast.decode_layers(x (B, D) or (T, B, D), weights, scales, norms, k_caches, v_caches,
+  kv_scales, rope, input_pos, eps) -> x's shape`: every T3 layer of one decode step in one call (generation/fused.py),
+  writing each layer's k / v into its cache slot input_pos (T tokens: slots input_pos .. + T - 1, causal attention
+  among them: the speculative decoder's verification); int8 / bf16 / fp32 layer weights, fp32 / bf16 / int8 caches (int8:
   per-row scales in kv_scales, 2 per layer; empty otherwise), fp32 math.
 
 Environment:

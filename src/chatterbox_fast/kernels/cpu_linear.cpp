@@ -286,10 +286,128 @@ inline void dot_block(const float* x0, const float* x1, const typename W::T* w, 
   }
 }
 
+// More rows per weight load, for M > 2 (the speculative decoder's verification: 2 k rows). s[r * NR + j] =
+// sum_k xr[r][k] * w[j * K + k] for r < R, j < NR, each (row, channel) accumulated exactly as dot_block does it (the
+// same lanes, the same order, the same final reduction), so a row's result does not depend on how many rows share
+// the call: bit-identical to the one-token step. R x NR accumulators + R x vectors + 1 weight vector fit the
+// registers (AVX-512: 6 x 4, AVX2: 3 x 4); `prefetch`: prefetch the next block's lines (NB rows on), as dot_block.
+#if defined(__AVX512F__)
+constexpr int kRowTile = 6;
+#elif defined(__AVX2__)
+constexpr int kRowTile = 3;
+#else
+constexpr int kRowTile = 4;
+#endif
+constexpr int64_t NR = 4;  // weight rows per tile
+
+template <class W, int64_t C, int R>
+inline void dot_tile(const float* const* xr, const typename W::T* w, int64_t K, float* s, bool prefetch) {
+  using T = typename W::T;
+  constexpr int64_t LINE = 64 / sizeof(T);
+  const uintptr_t next = reinterpret_cast<uintptr_t>(w) + NB * K * sizeof(T);
+  int64_t k = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  using V = Isa::V;
+  constexpr int64_t L = Isa::L;
+  V a[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < C; ++j) a[r][j] = Isa::zero();
+  for (; k + L <= K; k += L) {  // no lambda: GCC then keeps the accumulators in registers
+    if (prefetch && k % LINE == 0) {
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < C; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + (j * K + k) * sizeof(T)), _MM_HINT_T0);
+      }
+    }
+    V xv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      xv[r] = Isa::load(xr[r] + k);
+      asm("" : "+v"(xv[r]));  // in a register: GCC would otherwise fold a load of x into every FMA (C x R loads)
+    }
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < C; ++j) {
+      const V wv = W::load(w + j * K + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r][j] = Isa::fma(xv[r], wv, a[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < C; ++j) s[r * NR + j] = Isa::reduce_add(a[r][j]);
+#else
+  (void)next;
+  (void)LINE;
+  (void)prefetch;
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < C; ++j) s[r * NR + j] = 0.f;
+#endif
+  for (; k < K; ++k) {  // tail (all of K without SIMD)
+    for (int64_t j = 0; j < C; ++j) {
+      const float wv = W::load1(w + j * K + k);
+      for (int r = 0; r < R; ++r) s[r * NR + j] += xr[r][k] * wv;
+    }
+  }
+}
+
+template <class W, int R>
+inline void dot_rows(const float* const* xr, const typename W::T* w, int64_t K, int64_t nr, float* s, bool pf) {
+  if (nr == NR) return dot_tile<W, NR, R>(xr, w, K, s, pf);
+  for (int64_t j = 0; j < nr; ++j) dot_tile<W, 1, R>(xr, w + j * K, K, s + j, false);
+}
+
+// R = 1 .. kRowTile rows of x against nr <= NR weight rows (dot_tile)
+template <class W>
+void dot_rows_any(int R, const float* const* xr, const typename W::T* w, int64_t K, int64_t nr, float* s, bool pf) {
+  switch (R) {
+    case 1: return dot_rows<W, 1>(xr, w, K, nr, s, pf);
+    case 2: return dot_rows<W, 2>(xr, w, K, nr, s, pf);
+    case 3: return dot_rows<W, 3>(xr, w, K, nr, s, pf);
+#if !defined(__AVX2__) || defined(__AVX512F__)
+    case 4: return dot_rows<W, 4>(xr, w, K, nr, s, pf);
+#endif
+#if defined(__AVX512F__)
+    case 5: return dot_rows<W, 5>(xr, w, K, nr, s, pf);
+    case 6: return dot_rows<W, 6>(xr, w, K, nr, s, pf);
+#endif
+    default: TORCH_CHECK(false, "dot_rows_any: bad row count ", R);
+  }
+}
+
+// linear_kernel for M > 2: per block of NB channels, tiles of kRowTile rows x NR channels; the block's weights come
+// from memory once (the first row tile, which also prefetches the next block) and from cache for the other tiles
+template <class W>
+void linear_kernel_rows(const float* x, const typename W::T* w, const float* scale, float* y, int64_t M, int64_t N,
+                        int64_t K) {
+  const int64_t nblocks = (N + NB - 1) / NB;
+  at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
+    float s[kRowTile * NR];
+    const float* xr[kRowTile];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NB, nb = std::min(NB, N - n0);
+      for (int64_t j0 = 0; j0 < nb; j0 += NR) {
+        const int64_t nr = std::min(NR, nb - j0);
+        for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+          const int R = static_cast<int>(std::min<int64_t>(kRowTile, M - m0));
+          for (int r = 0; r < R; ++r) xr[r] = x + (m0 + r) * K;
+          dot_rows_any<W>(R, xr, w + (n0 + j0) * K, K, nr, s, m0 == 0 && nb == NB);
+          for (int r = 0; r < R; ++r)
+            for (int64_t j = 0; j < nr; ++j) {
+              const int64_t n = n0 + j0 + j;
+              y[(m0 + r) * N + n] = s[r * NR + j] * (scale ? scale[n] : 1.f);
+            }
+        }
+      }
+    }
+  });
+}
+
 // y (M, N) = x (M, K) @ w (N, K)^T [* scale (N,)], fp32 accumulation.
 template <class W>
 void linear_kernel(const float* x, const typename W::T* w, const float* scale, float* y, int64_t M, int64_t N,
                    int64_t K) {
+  if (M > 2) return linear_kernel_rows<W>(x, w, scale, y, M, N, K);
   const int64_t nblocks = (N + NB - 1) / NB;
   at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
     float s0[NB], s1[NB];
@@ -628,7 +746,9 @@ namespace w8a8 {
 void quantize_row(const float* x, int64_t K, int8_t* q, float* s);
 }
 
-// x (B, D) float32; per layer l: weights[4l..4l+3] = qkv (3 H hd, D), o (D, H hd), gate_up (2 I, D), down (D, I),
+// x (B, D) float32, or (T, B, D): T consecutive tokens at positions p .. p + T - 1 (the speculative decoder's
+// verification; token t's queries attend to the slots <= p + t, its own and its predecessors' k / v included);
+// per layer l: weights[4l..4l+3] = qkv (3 H hd, D), o (D, H hd), gate_up (2 I, D), down (D, I),
 // scales[4l..] their int8 scales (empty for bf16 / fp32 weights), norms[2l], norms[2l+1] = input / post-attention
 // RMSNorm weights (D,); k_caches[l], v_caches[l] (B, H, S, hd) float32, bfloat16 or int8, with (int8 only, else an
 // empty list) kv_scales[2l], kv_scales[2l+1] the k / v rows' float32 scales (B, H, S): each new row is quantised
@@ -636,15 +756,17 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* s);
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::TensorList scales, at::TensorList norms,
                          at::TensorList k_caches, at::TensorList v_caches, at::TensorList kv_scales,
                          const at::Tensor& rope, const at::Tensor& input_pos, double eps) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "decode_layers: x must be a contiguous (B, D) float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && (x.dim() == 2 || x.dim() == 3) &&
+                  x.is_contiguous() && x.numel() > 0,
+              "decode_layers: x must be a contiguous (B, D) or (T, B, D) float32 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type());
   const int64_t nl = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(nl >= 1 && static_cast<int64_t>(v_caches.size()) == nl &&
                   static_cast<int64_t>(weights.size()) == 4 * nl &&
                   static_cast<int64_t>(scales.size()) == 4 * nl && static_cast<int64_t>(norms.size()) == 2 * nl,
               "decode_layers: expected 4 weights, 4 scales, 2 norms and 2 caches per layer, got ", weights.size(), ", ",
               scales.size(), ", ", norms.size(), ", ", k_caches.size(), " + ", v_caches.size());
-  const int64_t B = x.size(0), D = x.size(1);
+  const int64_t T = x.dim() == 3 ? x.size(0) : 1, B = x.size(-2), D = x.size(-1), M = T * B;  // rows (t, b)
   const at::Tensor& c0 = k_caches[0];
   TORCH_CHECK(c0.dim() == 4, "decode_layers: caches must be (B, H, S, hd), got ", c0.sizes());
   const int64_t H = c0.size(1), S = c0.size(2), hd = c0.size(3), inner = H * hd;
@@ -654,10 +776,12 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
   TORCH_CHECK(input_pos.device().is_cpu() && input_pos.scalar_type() == at::kLong && input_pos.numel() == 1,
               "decode_layers: input_pos must be a (1,) int64 CPU tensor");
   const int64_t p = input_pos.data_ptr<int64_t>()[0];
-  TORCH_CHECK(p >= 0 && p < S, "decode_layers: position ", p, " outside the ", S, "-slot cache");
+  TORCH_CHECK(p >= 0 && p + T <= S, "decode_layers: positions ", p, "..", p + T - 1, " outside the ", S,
+              "-slot cache");
   TORCH_CHECK(rope.device().is_cpu() && rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.dim() == 3 &&
-                  rope.size(0) > p && rope.size(1) == hd && rope.size(2) == 2 && hd % 2 == 0,
-              "decode_layers: rope must be a contiguous (> ", p, ", ", hd, ", 2) float32 table, got ", rope.sizes());
+                  rope.size(0) >= p + T && rope.size(1) == hd && rope.size(2) == 2 && hd % 2 == 0,
+              "decode_layers: rope must be a contiguous (>= ", p + T, ", ", hd, ", 2) float32 table, got ",
+              rope.sizes());
   std::vector<stack::Lin> lins;
   lins.reserve(4 * nl);
   for (int64_t l = 0; l < nl; ++l) {
@@ -693,22 +817,23 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
   TORCH_CHECK(cdt == at::kChar || kv_scales.empty(), "decode_layers: kv_scales are for int8 caches only");
   at::Tensor out = x.clone();
   float* xs = out.data_ptr<float>();
-  std::vector<float> h(B * D), tmp(B * D), qkv(B * 3 * inner), att(B * inner), gu(B * 2 * I), act(B * I);
-  const float* cs = rope.data_ptr<float>() + p * hd * 2;
+  std::vector<float> h(M * D), tmp(M * D), qkv(M * 3 * inner), att(M * inner), gu(M * 2 * I), act(M * I);
   const float qscale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(hd)));
   const float feps = static_cast<float>(eps);
   for (int64_t l = 0; l < nl; ++l) {
-    stack::rms_norm(xs, norms[2 * l].data_ptr<float>(), h.data(), B, D, feps);
-    stack::linear(lins[4 * l], h.data(), qkv.data(), B);
+    stack::rms_norm(xs, norms[2 * l].data_ptr<float>(), h.data(), M, D, feps);
+    stack::linear(lins[4 * l], h.data(), qkv.data(), M);
     void* kc = k_caches[l].data_ptr();
     void* vc = v_caches[l].data_ptr();
     float* ksc = cdt == at::kChar ? kv_scales[2 * l].data_ptr<float>() : nullptr;
     float* vsc = cdt == at::kChar ? kv_scales[2 * l + 1].data_ptr<float>() : nullptr;
-    for (int64_t b = 0; b < B; ++b) {  // RoPE on q and k, then k and v into cache slot p
-      float* row = qkv.data() + b * 3 * inner;
+    for (int64_t m = 0; m < M; ++m) {  // RoPE on q and k, then k and v into cache slot p + t
+      const int64_t t = m / B, b = m % B, pt = p + t;
+      const float* cs = rope.data_ptr<float>() + pt * hd * 2;
+      float* row = qkv.data() + m * 3 * inner;
       for (int64_t hh = 0; hh < 2 * H; ++hh) stack::rope(row + hh * hd, cs, hd);
       for (int64_t hh = 0; hh < H; ++hh) {
-        const int64_t slot = ((b * H + hh) * S + p) * hd;
+        const int64_t slot = ((b * H + hh) * S + pt) * hd;
         const float* kr = row + inner + hh * hd;
         const float* vr = row + 2 * inner + hh * hd;
         if (cdt == at::kBFloat16) {
@@ -717,7 +842,7 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
             static_cast<c10::BFloat16*>(vc)[slot + d] = c10::BFloat16(vr[d]);
           }
         } else if (cdt == at::kChar) {  // as KVCache.update: per-row symmetric int8
-          const int64_t srow = (b * H + hh) * S + p;
+          const int64_t srow = (b * H + hh) * S + pt;
           w8a8::quantize_row(kr, hd, static_cast<int8_t*>(kc) + slot, ksc + srow);
           w8a8::quantize_row(vr, hd, static_cast<int8_t*>(vc) + slot, vsc + srow);
         } else {
@@ -726,16 +851,17 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
         }
       }
     }
-    dec::attend_heads(qkv.data(), 3 * inner, hd, kc, vc, cdt, B, H, S, hd, p + 1, qscale, att.data(), inner, hd,
-                      ksc, vsc);
-    stack::linear(lins[4 * l + 1], att.data(), tmp.data(), B);
-    for (int64_t i = 0; i < B * D; ++i) xs[i] += tmp[i];
-    stack::rms_norm(xs, norms[2 * l + 1].data_ptr<float>(), h.data(), B, D, feps);
-    stack::linear(lins[4 * l + 2], h.data(), gu.data(), B);
-    for (int64_t b = 0; b < B; ++b)
-      stack::silu_mul(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, act.data() + b * I, I);
-    stack::linear(lins[4 * l + 3], act.data(), tmp.data(), B);
-    for (int64_t i = 0; i < B * D; ++i) xs[i] += tmp[i];
+    for (int64_t t = 0; t < T; ++t)  // token t: slots <= p + t (causal within the T tokens)
+      dec::attend_heads(qkv.data() + t * B * 3 * inner, 3 * inner, hd, kc, vc, cdt, B, H, S, hd, p + t + 1, qscale,
+                        att.data() + t * B * inner, inner, hd, ksc, vsc);
+    stack::linear(lins[4 * l + 1], att.data(), tmp.data(), M);
+    for (int64_t i = 0; i < M * D; ++i) xs[i] += tmp[i];
+    stack::rms_norm(xs, norms[2 * l + 1].data_ptr<float>(), h.data(), M, D, feps);
+    stack::linear(lins[4 * l + 2], h.data(), gu.data(), M);
+    for (int64_t m = 0; m < M; ++m)
+      stack::silu_mul(gu.data() + m * 2 * I, gu.data() + m * 2 * I + I, act.data() + m * I, I);
+    stack::linear(lins[4 * l + 3], act.data(), tmp.data(), M);
+    for (int64_t i = 0; i < M * D; ++i) xs[i] += tmp[i];
   }
   return out;
 }

@@ -1,0 +1,192 @@
+"""Exact speculative decoding of T3 on the CPU: an int8 draft proposes, the fp32 model decides (opt-in).
+
+T3's fp32 decode step reads 2 GB of weights per token, so on a CPU it is bound by memory bandwidth; the same weights
+applied to k tokens at once cost little more than to one. Here a draft (T3 with int8 copies of the layer linears,
+a quarter of the bytes, everything else shared) proposes k tokens one by one, and the fp32 model computes its logits
+for all k positions in one forward. The draw is the sampler's exponential race (argmax p / E, sampling.sample) and
+both models race with the *same* noise E of each step, drawn from the caller's generator in the plain loop's order
+(`NoiseStream`), so the draft usually proposes exactly the token the fp32 model then draws: their distributions are
+close (int8 weights: total variation ~0.02), and coupled this way they disagree with probability about that.
+
+Every emitted token is the fp32 model's own draw from its own processed logits with the noise of its step, so the
+output is the plain loop's output: bit for bit, since the k-token verification (`FusedDecodeStep.tokens_logits`)
+computes each row exactly as the one-token step does (the same kernels, the same summation order per row). A
+disagreement only ends the round early: the fp32 token of that position is emitted and the rest of the draft
+discarded (both KV caches are overwritten from there on). Not a sampling approximation (no acceptance ratio, no
+residual distribution): the tokens do not depend on the draft at all, only the speed does. The generator is left
+where the plain loop leaves it (the flow's noise comes next).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..constants import STOP_SPEECH
+from ..models.t3 import T3
+from . import decode
+from .decode import cache_len, choose, new_state
+from .fused import FusedDecodeStep, fused_step_unsupported
+from .sampling import SamplingParams, exponential_noise
+
+DEFAULT_DRAFT_TOKENS = 6  # k: tokens verified per round, k - 1 of them proposed by the draft (BENCHMARKS.md)
+MAX_DRAFT_TOKENS = 32
+
+
+def check_draft_tokens(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"draft_tokens must be an int in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
+    return k
+
+
+def build_int8_draft(target: T3) -> T3:
+    """A T3 whose layer linears are int8 copies (quantize.Int8Linear) of `target`'s fused fp32 ones and whose
+    embeddings, norms and heads are `target`'s own modules (shared, not copied): ~0.5 GB on top of the target."""
+    from ..quantize import Int8Linear, pack_t3
+
+    for layer in target.tfmr.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_proj is None or mlp.gate_up_proj is None:
+            raise ValueError("build_int8_draft: fuse the target's projections first (T3.fuse_projections)")
+        if any(type(m) is not torch.nn.Linear for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+            raise ValueError("build_int8_draft: the target's layer linears must be float nn.Linear")
+    with torch.device("meta"):
+        draft = T3(target.cfg)  # nothing allocated: every tensor below is the target's or a new int8 one
+    for name in ("cond_enc", "text_emb", "speech_emb", "text_pos_emb", "speech_pos_emb", "text_head", "speech_head"):
+        setattr(draft, name, getattr(target, name))
+    draft.tfmr.embed_tokens, draft.tfmr.norm = target.tfmr.embed_tokens, target.tfmr.norm
+    with torch.no_grad():
+        for d, t in zip(draft.tfmr.layers, target.tfmr.layers):
+            d.input_layernorm, d.post_attention_layernorm = t.input_layernorm, t.post_attention_layernorm
+            da, ta, dm, tm = d.self_attn, t.self_attn, d.mlp, t.mlp
+            del da.q_proj, da.k_proj, da.v_proj, dm.gate_proj, dm.up_proj
+            da.qkv_proj, da.o_proj = Int8Linear.from_linear(ta.qkv_proj), Int8Linear.from_linear(ta.o_proj)
+            dm.gate_up_proj = Int8Linear.from_linear(tm.gate_up_proj)
+            dm.down_proj = Int8Linear.from_linear(tm.down_proj)
+    pack_t3(draft)
+    draft.kv_dtype = torch.bfloat16  # the draft's cache: half the bytes (its numbers only steer, never emit)
+    return draft
+
+
+class NoiseStream:
+    """The sampler's noise, one (1, V) Exp(1) draw per generated token, in the order the plain loop draws it, with
+    look-ahead: `get(i)` is the noise of token i (drawn on first use); `finish(n)` leaves the generator as a loop
+    that drew exactly n would (generator None: the device's default generator, which is what None draws from)."""
+
+    def __init__(self, vocab: int, device: torch.device, generator: torch.Generator | None):
+        if generator is None:
+            generator = (torch.default_generator if device.type == "cpu"
+                         else torch.cuda.default_generators[device.index or 0])
+        self.gen, self.vocab, self.device = generator, vocab, device
+        self.noise: list[Tensor] = []
+        self.states: list[Tensor] = [generator.get_state()]  # states[i]: before drawing token i's noise
+
+    def get(self, i: int) -> Tensor:
+        while len(self.noise) <= i:
+            self.noise.append(exponential_noise((1, self.vocab), self.device, self.gen))
+            self.states.append(self.gen.get_state())
+        return self.noise[i]
+
+    def finish(self, n: int) -> None:
+        self.gen.set_state(self.states[min(n, len(self.noise))])
+
+
+def copy_cache_prefix(src: T3, dst: T3, n: int) -> None:
+    """dst's KV cache slots [0, n) := src's (converted to dst's cache format): the draft starts from the target's
+    prefill instead of running its own."""
+    pos = torch.arange(n, device=src.speech_head.weight.device)
+    for s, d in zip(src.tfmr.layers, dst.tfmr.layers):
+        sc, dc = s.self_attn.kv_cache, d.self_attn.kv_cache
+        k, v = sc.read(n, torch.float32)
+        dc.update(pos, k, v)
+
+
+class SpeculativeDecoder:
+    """T3 generation with an int8 draft (module docstring): `decoder.generate(...)` returns what
+    `decode.generate_tokens(model, ...)` returns with the fused step, bit for bit (every row of the k-token
+    verification is computed exactly as the one-token step computes it: tests/generation/test_speculative.py).
+
+    Needs the fused CPU step for `model` (fp32 layer linears, fused projections, AVX-512 / AVX2 kernels):
+    `fused.fused_step_unsupported` says why not otherwise. Holds the draft (~0.5 GB) and its own KV cache (bf16);
+    `release_caches()` frees both models' caches."""
+
+    def __init__(self, model: T3, target_step: FusedDecodeStep | None = None,
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
+        reason = fused_step_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"speculative decoding needs the fused CPU decode step: {reason}")
+        self.model = model
+        self.target_step = target_step or FusedDecodeStep(model)
+        self.draft = build_int8_draft(model)
+        self.draft_step = FusedDecodeStep(self.draft)
+        self.draft_tokens = check_draft_tokens(draft_tokens)
+        self.last_stats: dict = {}  # the last generation's rounds / drafted / accepted / tokens
+
+    def release_caches(self) -> None:
+        self.model.release_caches()
+        self.draft.release_caches()
+
+    @torch.inference_mode()
+    def generate(self, prefill_x: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                 on_token: Callable[[int, Tensor], None] | None = None, stats: dict | None = None) -> Tensor:
+        """As decode.generate_tokens (same output, same generator state after). `stats`, if given, receives
+        rounds / drafted / accepted / tokens counts."""
+        k = check_draft_tokens(self.draft_tokens)
+        model, draft = self.model, self.draft
+        device = prefill_x.device
+        B, S, _ = prefill_x.shape
+        n_max = params.max_new_tokens
+        need = S + n_max + k  # a round may write up to k slots past the last emitted token
+        for m in (model, draft):
+            if need > m.max_seq or B != m.max_batch:
+                m.setup_caches(B, cache_len(need))
+            elif not m.caches_allocated:
+                m.setup_caches(B, m.max_seq)
+        noise = NoiseStream(model.cfg.speech_vocab_size, device, generator)
+        out = torch.full((1, n_max), STOP_SPEECH, dtype=torch.long, device=device)
+
+        state = new_state(model, S, B, device)
+        dstate = new_state(draft, S, B, device)
+        tok = choose(decode.prefill(model, prefill_x), state, noise.get(0), params)
+        copy_cache_prefix(model, draft, S)
+        out[:, 0] = tok
+        if on_token is not None:
+            on_token(0, tok)
+        n, rounds, drafted, accepted = 1, 0, 0, 0
+        done = int(tok) == STOP_SPEECH
+        while not done and n < n_max:
+            kr = min(k, n_max - n)  # tokens n .. n + kr - 1 this round
+            # the draft, from the fp32 state (positions, seen ids): kr - 1 proposals after tok
+            dstate.input_pos.copy_(state.input_pos)
+            dstate.speech_pos.copy_(state.speech_pos)
+            dstate.seen.copy_(state.seen)
+            feed = [tok]
+            for j in range(kr - 1):
+                feed.append(self.draft_step(draft, feed[-1], dstate, noise.get(n + j), params, 0))
+            proposals = torch.cat(feed)  # (kr,): tok, then the draft's tokens n .. n + kr - 2
+            logits = self.target_step.tokens_logits(model, proposals, state)  # (B, kr, V)
+            rounds += 1
+            drafted += kr - 1
+            for j in range(kr):
+                t = choose(logits[:, j], state, noise.get(n), params)  # the fp32 model's own draw of token n
+                out[:, n] = t
+                if on_token is not None:
+                    on_token(n, t)
+                n += 1
+                state.input_pos += 1
+                state.speech_pos += 1
+                tok = t
+                if int(t) == STOP_SPEECH:
+                    done = True
+                    break
+                if j + 1 < kr:
+                    if int(t) != int(proposals[j + 1]):
+                        break  # the draft's later proposals followed another token: discard them
+                    accepted += 1
+        noise.finish(n)
+        self.last_stats = dict(rounds=rounds, drafted=drafted, accepted=accepted, tokens=n)
+        if stats is not None:
+            stats.update(self.last_stats)
+        return out[:, :n]

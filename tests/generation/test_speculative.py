@@ -1,0 +1,195 @@
+"""Speculative decoding (generation/speculative.py) and the k-token fused step it verifies with.
+
+Both are checked for *bit* equality, not a tolerance: the k-token `decode_layers` computes every row with the same
+kernels and the same per-row summation order as the one-token step (the multi-row linear tile accumulates each
+(row, channel) exactly as the pair kernel does), so the speculative decoder's tokens and the generator state it
+leaves are those of the plain fused loop, whatever the draft proposes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from chatterbox_fast import kernels
+from chatterbox_fast.constants import STOP_SPEECH
+from chatterbox_fast.generation.decode import generate_tokens, new_state, prefill
+from chatterbox_fast.generation.fused import FusedDecodeStep
+from chatterbox_fast.generation.sampling import SamplingParams
+from chatterbox_fast.generation.speculative import (NoiseStream, SpeculativeDecoder, build_int8_draft,
+                                                    check_draft_tokens)
+from chatterbox_fast.quantize import pack_t3, quantize_t3
+
+from helpers import tiny_t3
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ops():
+    if os.environ.get("CHATTERBOX_FAST_CPU_KERNELS", "1") == "0":
+        pytest.skip("disabled by CHATTERBOX_FAST_CPU_KERNELS=0")
+    assert kernels.load(), kernels.error()
+
+
+def _fp32_model(seed: int = 0, stop_boost: float = 0.0):
+    m = tiny_t3(seed)
+    m.fuse_projections()
+    if stop_boost:  # make EOS likely enough to end generations mid-round
+        m.speech_head.weight[STOP_SPEECH] *= stop_boost
+    return m
+
+
+def _model(fmt, kv_dtype):
+    m = tiny_t3(0)
+    if fmt is None:
+        m.fuse_projections()
+    else:
+        quantize_t3(m, fmt.removesuffix("-packed"))
+        if fmt.endswith("-packed"):
+            pack_t3(m)
+    m.kv_dtype = kv_dtype
+    return m
+
+
+def _caches(model):
+    return [t for lay in model.tfmr.layers for t in (lay.self_attn.kv_cache.k_cache, lay.self_attn.kv_cache.v_cache)]
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("fmt", [None, "int8", "int8-packed", "bf16"])
+@pytest.mark.parametrize("batch, k", [(2, 3), (2, 7), (1, 5)])
+def test_k_token_step_equals_k_one_token_steps_bitwise(fmt, kv_dtype, batch, k):
+    """tokens_logits over k tokens == k one-token steps: logits and every KV cache slot, bit for bit (2 k rows go
+    through 6-row tiles and a remainder tile)."""
+    import copy
+
+    a = _model(fmt, kv_dtype)
+    b = copy.deepcopy(a)
+    S = 9
+    x = torch.randn(batch, S, a.cfg.dim, generator=torch.Generator().manual_seed(1))
+    tokens = torch.tensor([(i * 1231 + 17) % 6561 for i in range(k)])
+    with torch.inference_mode():
+        for m in (a, b):
+            m.setup_caches(batch, 32)
+            prefill(m, x)
+        sa, sb = new_state(a, S, batch, "cpu"), new_state(b, S, batch, "cpu")
+        step_a, step_b = FusedDecodeStep(a), FusedDecodeStep(b)
+        one = []
+        for i in range(k):
+            one.append(step_a.step_logits(a, tokens[i:i + 1], sa, 0))
+            sa.input_pos += 1
+            sa.speech_pos += 1
+        got = step_b.tokens_logits(b, tokens, sb)
+    assert got.shape == (batch, k, a.cfg.speech_vocab_size)
+    assert torch.equal(got, torch.stack(one, dim=1))
+    assert int(sb.input_pos) == S  # not advanced
+    for ca, cb in zip(_caches(a), _caches(b)):
+        assert torch.equal(ca, cb)
+
+
+@pytest.mark.parametrize("cfg_weight", [0.5, 0.0])
+@pytest.mark.parametrize("draft_tokens", [1, 2, 5, 9])
+def test_speculative_tokens_and_generator_equal_the_plain_fused_loop(cfg_weight, draft_tokens):
+    m = _fp32_model()
+    dec = SpeculativeDecoder(m, draft_tokens=draft_tokens)
+    B = 2 if cfg_weight > 0 else 1
+    x = torch.randn(B, 11, m.cfg.dim, generator=torch.Generator().manual_seed(2))
+    for temperature, n in ((0.8, 40), (1.5, 23)):
+        p = SamplingParams(max_new_tokens=n, temperature=temperature, cfg_weight=cfg_weight)
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        want = generate_tokens(m, x, p, generator=g1, step_fn=dec.target_step)
+        stats = {}
+        got = dec.generate(x, p, generator=g2, stats=stats)
+        assert torch.equal(got, want)
+        assert torch.equal(g1.get_state(), g2.get_state())  # the flow's noise comes next
+        assert stats["tokens"] == got.shape[1]
+        if draft_tokens > 1:
+            assert stats["accepted"] > 0.5 * stats["drafted"]  # the int8 draft mostly agrees (random tiny model)
+        else:
+            assert stats["drafted"] == 0
+
+
+def test_speculative_stops_at_eos_mid_round_like_the_plain_loop():
+    m = _fp32_model(stop_boost=8.0)
+    dec = SpeculativeDecoder(m, draft_tokens=6)
+    x = torch.randn(2, 11, m.cfg.dim, generator=torch.Generator().manual_seed(3))
+    p = SamplingParams(max_new_tokens=80)
+    ended = 0
+    for seed in range(6):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        want = generate_tokens(m, x, p, generator=g1, step_fn=dec.target_step)
+        got = dec.generate(x, p, generator=g2)
+        assert torch.equal(got, want)
+        assert torch.equal(g1.get_state(), g2.get_state())
+        ended += int(want[0, -1] == STOP_SPEECH and want.shape[1] < 80)
+    assert ended >= 2  # the boost did make EOS happen
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_speculative_respects_max_new_tokens(n):
+    m = _fp32_model()
+    dec = SpeculativeDecoder(m, draft_tokens=4)
+    x = torch.randn(2, 11, m.cfg.dim, generator=torch.Generator().manual_seed(4))
+    p = SamplingParams(max_new_tokens=n)
+    want = generate_tokens(m, x, p, generator=torch.Generator().manual_seed(1), step_fn=dec.target_step)
+    got = dec.generate(x, p, generator=torch.Generator().manual_seed(1))
+    assert got.shape[1] <= n and torch.equal(got, want)
+
+
+def test_speculative_with_the_global_generator():
+    m = _fp32_model()
+    dec = SpeculativeDecoder(m, draft_tokens=5)
+    x = torch.randn(2, 11, m.cfg.dim, generator=torch.Generator().manual_seed(6))
+    p = SamplingParams(max_new_tokens=30)
+    torch.manual_seed(9)
+    want = generate_tokens(m, x, p, step_fn=dec.target_step)
+    after = torch.get_rng_state()
+    torch.manual_seed(9)
+    got = dec.generate(x, p)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_noise_stream_draws_in_order_and_rewinds():
+    g = torch.Generator().manual_seed(3)
+    s = NoiseStream(7, torch.device("cpu"), g)
+    ahead = [s.get(i).clone() for i in range(5)]
+    assert torch.equal(s.get(2), ahead[2])  # drawn once, then kept
+    s.finish(2)
+    ref = torch.Generator().manual_seed(3)
+    for i in range(2):
+        assert torch.equal(torch.empty(1, 7).exponential_(1.0, generator=ref), ahead[i])
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+def test_draft_shares_everything_but_int8_layer_linears():
+    from chatterbox_fast.quantize import Int8Linear
+
+    m = _fp32_model()
+    d = build_int8_draft(m)
+    assert d.speech_head is m.speech_head and d.speech_emb is m.speech_emb and d.tfmr.norm is m.tfmr.norm
+    for ld, lm in zip(d.tfmr.layers, m.tfmr.layers):
+        assert ld.input_layernorm is lm.input_layernorm
+        for mod in (ld.self_attn.qkv_proj, ld.self_attn.o_proj, ld.mlp.gate_up_proj, ld.mlp.down_proj):
+            assert isinstance(mod, Int8Linear) and mod.packed
+    assert not any(t.is_meta for t in list(d.parameters()) + list(d.buffers()))
+    assert d.kv_dtype == torch.bfloat16
+
+
+def test_bad_arguments_are_rejected_clearly():
+    with pytest.raises(ValueError, match="draft_tokens"):
+        check_draft_tokens(0)
+    with pytest.raises(ValueError, match="draft_tokens"):
+        check_draft_tokens(True)
+    m = tiny_t3(0)
+    with pytest.raises(ValueError, match="fuse"):
+        build_int8_draft(m)
+    q = tiny_t3(0)
+    quantize_t3(q, "int8")
+    with pytest.raises(ValueError, match="float"):
+        build_int8_draft(q)
+    with pytest.raises(ValueError, match="draft_tokens"):
+        SpeculativeDecoder(_fp32_model(), draft_tokens=100)
