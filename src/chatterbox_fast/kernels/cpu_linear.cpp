@@ -375,6 +375,92 @@ void dot_rows_any(int R, const float* const* xr, const typename W::T* w, int64_t
   }
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// K-blocked form of dot_tile for a full block: the R x NR accumulators live in acc (acc[r * NB + j]) between chunks
+// [k0, k1) of K, so a chunk of the block's weights and of every x row stays in L1 while all row tiles use it. The
+// FMAs of each accumulator run in the same order as dot_block's (k ascending in steps of L; storing and reloading
+// an accumulator changes nothing): bit-identical. `prefetch`: the next block's lines, as dot_block.
+constexpr int64_t KC = 256;  // K chunk: 8 weight rows (8 KB fp32) + 12 x rows (12 KB) fit L1 with room
+
+template <class W, int R>
+inline void tile_chunk(const float* const* xr, const typename W::T* w, int64_t K, int64_t k0, int64_t k1,
+                       Isa::V* acc, bool prefetch) {
+  using T = typename W::T;
+  using V = Isa::V;
+  constexpr int64_t LINE = 64 / sizeof(T), L = Isa::L;
+  const uintptr_t next = reinterpret_cast<uintptr_t>(w) + NB * K * sizeof(T);
+  V a[R][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < NR; ++j) a[r][j] = acc[r * NB + j];
+  for (int64_t k = k0; k < k1; k += L) {
+    if (prefetch && k % LINE == 0) {
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + (j * K + k) * sizeof(T)), _MM_HINT_T0);
+      }
+    }
+    V xv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      xv[r] = Isa::load(xr[r] + k);
+      asm("" : "+v"(xv[r]));  // in a register (see dot_tile)
+    }
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < NR; ++j) {
+      const V wv = W::load(w + j * K + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r][j] = Isa::fma(xv[r], wv, a[r][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < NR; ++j) acc[r * NB + j] = a[r][j];
+}
+
+template <class W>
+void tile_chunk_any(int R, const float* const* xr, const typename W::T* w, int64_t K, int64_t k0, int64_t k1,
+                    Isa::V* acc, bool prefetch) {
+  switch (R) {
+    case 1: return tile_chunk<W, 1>(xr, w, K, k0, k1, acc, prefetch);
+    case 2: return tile_chunk<W, 2>(xr, w, K, k0, k1, acc, prefetch);
+    case 3: return tile_chunk<W, 3>(xr, w, K, k0, k1, acc, prefetch);
+#if defined(__AVX512F__)
+    case 4: return tile_chunk<W, 4>(xr, w, K, k0, k1, acc, prefetch);
+    case 5: return tile_chunk<W, 5>(xr, w, K, k0, k1, acc, prefetch);
+    case 6: return tile_chunk<W, 6>(xr, w, K, k0, k1, acc, prefetch);
+#endif
+    default: TORCH_CHECK(false, "tile_chunk_any: bad row count ", R);
+  }
+}
+
+// one full block (NB channels at w, rows (N, K)) for all M rows: y[m * N + j] = sum_k x[m][k] w[j][k] * scale[j]
+template <class W>
+void block_rows_blocked(const float* x, const typename W::T* w, const float* scale, float* y, int64_t M, int64_t N,
+                        int64_t K, std::vector<Isa::V>& acc) {
+  const int64_t Kv = K / Isa::L * Isa::L;  // the vector part; the rest as dot_block's scalar tail
+  acc.assign(static_cast<size_t>(M * NB), Isa::zero());
+  const float* xr[kRowTile];
+  for (int64_t k0 = 0; k0 < Kv; k0 += KC) {
+    const int64_t k1 = std::min(Kv, k0 + KC);
+    for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+      const int R = static_cast<int>(std::min<int64_t>(kRowTile, M - m0));
+      for (int r = 0; r < R; ++r) xr[r] = x + (m0 + r) * K;
+      for (int64_t j0 = 0; j0 < NB; j0 += NR)
+        tile_chunk_any<W>(R, xr, w + j0 * K, K, k0, k1, acc.data() + m0 * NB + j0, m0 == 0);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < NB; ++j) {
+      float sum = Isa::reduce_add(acc[m * NB + j]);
+      for (int64_t k = Kv; k < K; ++k) sum += x[m * K + k] * W::load1(w + j * K + k);
+      y[m * N + j] = sum * (scale ? scale[j] : 1.f);
+    }
+}
+#endif
+
 // linear_kernel for M > 2: per block of NB channels, tiles of kRowTile rows x NR channels; the block's weights come
 // from memory once (the first row tile, which also prefetches the next block) and from cache for the other tiles
 template <class W>
@@ -384,8 +470,17 @@ void linear_kernel_rows(const float* x, const typename W::T* w, const float* sca
   at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
     float s[kRowTile * NR];
     const float* xr[kRowTile];
+#if defined(__AVX512F__) || defined(__AVX2__)
+    std::vector<Isa::V> acc;
+#endif
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NB, nb = std::min(NB, N - n0);
+#if defined(__AVX512F__) || defined(__AVX2__)
+      if (nb == NB) {
+        block_rows_blocked<W>(x, w + n0 * K, scale ? scale + n0 : nullptr, y + n0, M, N, K, acc);
+        continue;
+      }
+#endif
       for (int64_t j0 = 0; j0 < nb; j0 += NR) {
         const int64_t nr = std::min(NR, nb - j0);
         for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
