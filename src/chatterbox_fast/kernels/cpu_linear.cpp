@@ -679,23 +679,30 @@ void attend_one(const float* q, const typename C::T* k, const typename C::T* v, 
 
 // every (batch, head) g < B * H over the ATen pool: q rows at q + b * q_sb + h * q_sh, out rows likewise (y_sb,
 // y_sh), caches (B, H, S, D) contiguous of dtype cdt (fp32, bf16 or int8: then ksc / vsc are their (B, H, S) row
-// scales), the first n slots; q scaled by qscale first
+// scales), the first n slots; q scaled by qscale first. nq > 1 queries per (batch, head) (the speculative decoder's
+// k-token verification): query t at + t * q_st (out + t * y_st) over the first n + t slots, all nq of a group in
+// a row, so its cache rows are read from memory once and from L2 for the other nq - 1 (each query's arithmetic is the
+// one-query call's)
 void attend_heads(const float* q, int64_t q_sb, int64_t q_sh, const void* kc, const void* vc, at::ScalarType cdt,
                   int64_t B, int64_t H, int64_t S, int64_t D, int64_t n, float qscale, float* y, int64_t y_sb,
-                  int64_t y_sh, const float* ksc = nullptr, const float* vsc = nullptr) {
+                  int64_t y_sh, const float* ksc = nullptr, const float* vsc = nullptr, int64_t nq = 1,
+                  int64_t q_st = 0, int64_t y_st = 0) {
   auto run = [&](auto row) {
     using C = decltype(row);
     using T = typename C::T;
     const T* kp = static_cast<const T*>(kc);
     const T* vp = static_cast<const T*>(vc);
     at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> sc(static_cast<size_t>(n + 16)), qv(static_cast<size_t>(D));
+      std::vector<float> sc(static_cast<size_t>(n + nq + 16)), qv(static_cast<size_t>(D));
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t b = g / H, h = g % H;
-        const float* qg = q + b * q_sb + h * q_sh;
-        for (int64_t d = 0; d < D; ++d) qv[d] = qg[d] * qscale;
-        attend_one<C>(qv.data(), kp + g * S * D, vp + g * S * D, ksc == nullptr ? nullptr : ksc + g * S,
-                      vsc == nullptr ? nullptr : vsc + g * S, n, D, sc.data(), y + b * y_sb + h * y_sh);
+        for (int64_t t = 0; t < nq; ++t) {
+          const float* qg = q + b * q_sb + h * q_sh + t * q_st;
+          for (int64_t d = 0; d < D; ++d) qv[d] = qg[d] * qscale;
+          float* yg = y + b * y_sb + h * y_sh + t * y_st;
+          attend_one<C>(qv.data(), kp + g * S * D, vp + g * S * D, ksc == nullptr ? nullptr : ksc + g * S,
+                        vsc == nullptr ? nullptr : vsc + g * S, n + t, D, sc.data(), yg);
+        }
       }
     });
   };
@@ -946,9 +953,9 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
         }
       }
     }
-    for (int64_t t = 0; t < T; ++t)  // token t: slots <= p + t (causal within the T tokens)
-      dec::attend_heads(qkv.data() + t * B * 3 * inner, 3 * inner, hd, kc, vc, cdt, B, H, S, hd, p + t + 1, qscale,
-                        att.data() + t * B * inner, inner, hd, ksc, vsc);
+    // token t: slots <= p + t (causal within the T tokens)
+    dec::attend_heads(qkv.data(), 3 * inner, hd, kc, vc, cdt, B, H, S, hd, p + 1, qscale, att.data(), inner, hd, ksc,
+                      vsc, T, B * 3 * inner, B * inner);
     stack::linear(lins[4 * l + 1], att.data(), tmp.data(), M);
     for (int64_t i = 0; i < M * D; ++i) xs[i] += tmp[i];
     stack::rms_norm(xs, norms[2 * l + 1].data_ptr<float>(), h.data(), M, D, feps);
