@@ -45,3 +45,37 @@ def skip_unless_compile_works() -> None:
         assert torch.equal(out, torch.full((3,), 3.0))
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"torch.compile (inductor, CPU) is unavailable here: {type(err).__name__}: {err}")
+
+
+def require_cpu_kernels() -> None:
+    """Skip (CHATTERBOX_FAST_CPU_KERNELS=0) or load our C++ CPU kernels, failing with the build's error."""
+    import os
+
+    import pytest
+
+    from chatterbox_fast import kernels
+
+    if os.environ.get("CHATTERBOX_FAST_CPU_KERNELS", "1") == "0":
+        pytest.skip("disabled by CHATTERBOX_FAST_CPU_KERNELS=0")
+    assert kernels.load(), kernels.error()
+
+
+def tiny_t3_as(fmt: str | None, kv_dtype=None):
+    """tiny_t3(0) in a fused-step layout. fmt: None (fp32, fused projections), "int8", "bf16", or either +
+    "-packed" (the engine's layout for the fused step); kv_dtype: the KV cache's (None: fp32)."""
+    from chatterbox_fast.quantize import pack_t3, quantize_t3
+
+    model = tiny_t3(0)
+    if fmt is None:
+        model.fuse_projections()
+    else:
+        quantize_t3(model, fmt.removesuffix("-packed"))
+        if fmt.endswith("-packed"):
+            assert pack_t3(model) == 4 * model.cfg.n_layers
+    model.kv_dtype = kv_dtype
+    return model
+
+
+def kv_caches(model) -> list:
+    """Every layer's k and v cache tensors, in order."""
+    return [c for lay in model.tfmr.layers for c in (lay.self_attn.kv_cache.k_cache, lay.self_attn.kv_cache.v_cache)]

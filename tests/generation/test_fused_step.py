@@ -11,7 +11,6 @@ Sampled tokens (same noise) are identical.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -20,35 +19,15 @@ from chatterbox_fast import kernels
 from chatterbox_fast.generation.decode import generate_tokens, kv_bucket, new_state, prefill, step_logits
 from chatterbox_fast.generation.fused import FusedDecodeStep, fused_step_unsupported
 from chatterbox_fast.generation.sampling import SamplingParams
-from chatterbox_fast.quantize import pack_t3, quantize_t3
 
-from helpers import tiny_t3
+from helpers import kv_caches, require_cpu_kernels, tiny_t3, tiny_t3_as
 
 torch.set_grad_enabled(False)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ops():
-    if os.environ.get("CHATTERBOX_FAST_CPU_KERNELS", "1") == "0":
-        pytest.skip("disabled by CHATTERBOX_FAST_CPU_KERNELS=0")
-    assert kernels.load(), kernels.error()
-
-
-def _model(fmt: str | None, kv_dtype) -> torch.nn.Module:
-    """fmt: None (fp32), "int8", "bf16", or either + "-packed" (the engine's layout for the fused step)."""
-    model = tiny_t3(0)
-    if fmt is None:
-        model.fuse_projections()
-    else:
-        quantize_t3(model, fmt.removesuffix("-packed"))
-        if fmt.endswith("-packed"):
-            assert pack_t3(model) == 4 * model.cfg.n_layers
-    model.kv_dtype = kv_dtype
-    return model
-
-
-def _caches(model):
-    return [c for lay in model.tfmr.layers for c in (lay.self_attn.kv_cache.k_cache, lay.self_attn.kv_cache.v_cache)]
+    require_cpu_kernels()
 
 
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.int8])
@@ -56,7 +35,7 @@ def _caches(model):
 def test_fused_step_matches_module_path(fmt, kv_dtype):
     """Teacher-forced: 40 steps from position 12 on two copies of one model, module path vs fused: logits and the
     KV cache slots each writes."""
-    a = _model(fmt, kv_dtype)
+    a = tiny_t3_as(fmt, kv_dtype)
     b = copy.deepcopy(a)
     S, n = 12, 40
     x = torch.randn(2, S, a.cfg.dim, generator=torch.Generator().manual_seed(1))
@@ -78,7 +57,7 @@ def test_fused_step_matches_module_path(fmt, kv_dtype):
             for s in (sa, sb):
                 s.input_pos += 1
                 s.speech_pos += 1
-    for ca, cb in zip(_caches(a), _caches(b)):
+    for ca, cb in zip(kv_caches(a), kv_caches(b)):
         assert ca.dtype == cb.dtype == (kv_dtype or torch.float32)
         assert cb[:, :, S:S + n].abs().amax() > 0  # the fused step wrote its slots
         if kv_dtype == torch.int8:  # the same per-row quantiser: equal, or one level apart at a rounding boundary
@@ -100,7 +79,7 @@ def test_fused_step_matches_module_path(fmt, kv_dtype):
                                                      ("int8-packed", 0.5, torch.int8)])
 def test_fused_generation_gives_the_same_tokens(fmt, cfg_weight, kv_dtype):
     """Whole generations, same noise: identical tokens (batch 2 with CFG, batch 1 without)."""
-    model = _model(fmt, kv_dtype)
+    model = tiny_t3_as(fmt, kv_dtype)
     batch = 2 if cfg_weight > 0 else 1
     x = torch.randn(batch, 10, model.cfg.dim, generator=torch.Generator().manual_seed(2))
     params = SamplingParams(max_new_tokens=48, min_p=0.0, cfg_weight=cfg_weight)
@@ -121,15 +100,15 @@ def test_fused_step_refuses_what_it_cannot_run():
     half = tiny_t3(0).to(torch.bfloat16)
     half.fuse_projections()
     assert "fp32 activations" in fused_step_unsupported(half)
-    other = _model("int8", None)
-    step = FusedDecodeStep(_model("int8", None))
+    other = tiny_t3_as("int8", None)
+    step = FusedDecodeStep(tiny_t3_as("int8", None))
     other.setup_caches(2, 32)
     with pytest.raises(ValueError, match="another T3"):
         step.step_logits(other, torch.tensor([1]), new_state(other, 4, 2, "cpu"), 0)
 
 
 def test_decode_layers_bad_inputs_give_clear_errors():
-    model = _model("int8", None)
+    model = tiny_t3_as("int8", None)
     model.setup_caches(2, 16)
     step = FusedDecodeStep(model)
     lay = model.tfmr.layers
@@ -166,7 +145,7 @@ def test_fused_step_follows_reallocated_caches():
     setup_caches of another size the step writes and reads the new caches, and the released ones are not kept."""
     import weakref
 
-    model = _model("int8", None)
+    model = tiny_t3_as("int8", None)
     step = FusedDecodeStep(model)
     x = torch.randn(2, 8, model.cfg.dim, generator=torch.Generator().manual_seed(4))
     params = SamplingParams(max_new_tokens=12, min_p=0.0)

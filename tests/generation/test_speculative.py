@@ -8,7 +8,6 @@ leaves are those of the plain fused loop, whatever the draft proposes.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -20,18 +19,16 @@ from chatterbox_fast.generation.fused import FusedDecodeStep
 from chatterbox_fast.generation.sampling import SamplingParams
 from chatterbox_fast.generation.speculative import (NoiseStream, SpeculativeDecoder, build_int8_draft,
                                                     check_draft_tokens)
-from chatterbox_fast.quantize import pack_t3, quantize_t3
+from chatterbox_fast.quantize import quantize_t3
 
-from helpers import tiny_t3
+from helpers import kv_caches, require_cpu_kernels, tiny_t3, tiny_t3_as
 
 torch.set_grad_enabled(False)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ops():
-    if os.environ.get("CHATTERBOX_FAST_CPU_KERNELS", "1") == "0":
-        pytest.skip("disabled by CHATTERBOX_FAST_CPU_KERNELS=0")
-    assert kernels.load(), kernels.error()
+    require_cpu_kernels()
 
 
 def _fp32_model(seed: int = 0, stop_boost: float = 0.0):
@@ -42,22 +39,6 @@ def _fp32_model(seed: int = 0, stop_boost: float = 0.0):
     return m
 
 
-def _model(fmt, kv_dtype):
-    m = tiny_t3(0)
-    if fmt is None:
-        m.fuse_projections()
-    else:
-        quantize_t3(m, fmt.removesuffix("-packed"))
-        if fmt.endswith("-packed"):
-            pack_t3(m)
-    m.kv_dtype = kv_dtype
-    return m
-
-
-def _caches(model):
-    return [t for lay in model.tfmr.layers for t in (lay.self_attn.kv_cache.k_cache, lay.self_attn.kv_cache.v_cache)]
-
-
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("fmt", [None, "int8", "int8-packed", "bf16"])
 @pytest.mark.parametrize("batch, k", [(2, 3), (2, 7), (1, 5)])
@@ -66,7 +47,7 @@ def test_k_token_step_equals_k_one_token_steps_bitwise(fmt, kv_dtype, batch, k):
     through 6-row tiles and a remainder tile)."""
     import copy
 
-    a = _model(fmt, kv_dtype)
+    a = tiny_t3_as(fmt, kv_dtype)
     b = copy.deepcopy(a)
     S = 9
     x = torch.randn(batch, S, a.cfg.dim, generator=torch.Generator().manual_seed(1))
@@ -86,7 +67,7 @@ def test_k_token_step_equals_k_one_token_steps_bitwise(fmt, kv_dtype, batch, k):
     assert got.shape == (batch, k, a.cfg.speech_vocab_size)
     assert torch.equal(got, torch.stack(one, dim=1))
     assert int(sb.input_pos) == S  # not advanced
-    for ca, cb in zip(_caches(a), _caches(b)):
+    for ca, cb in zip(kv_caches(a), kv_caches(b)):
         assert torch.equal(ca, cb)
 
 

@@ -286,35 +286,37 @@ inline void dot_block(const float* x0, const float* x1, const typename W::T* w, 
   }
 }
 
-// More rows per weight load, for M > 2 (the speculative decoder's verification: 2 k rows). s[r * NR + j] =
-// sum_k xr[r][k] * w[j * K + k] for r < R, j < NR, each (row, channel) accumulated exactly as dot_block does it (the
-// same lanes, the same order, the same final reduction), so a row's result does not depend on how many rows share
-// the call: bit-identical to the one-token step. R x NR accumulators + R x vectors + 1 weight vector fit the
-// registers (AVX-512: 6 x 4, AVX2: 3 x 4); `prefetch`: prefetch the next block's lines (NB rows on), as dot_block.
+// More rows per weight load, for M > 2 (the speculative decoder's verification: 2 k rows). Per block of NB output
+// channels the M x NB accumulators live in a small buffer (acc[m * NB + j]) while K goes by in chunks of KC: each
+// chunk of the block's weights (8 KB fp32) and of every x row stays in L1 while all row tiles use it, and the
+// tiles (R <= kRowTile rows x C <= NR channels: AVX-512 6 x 4, AVX2 3 x 4) keep their accumulators, R x vectors and
+// one weight vector in registers. Each accumulator's FMAs run in dot_block's order (k ascending in steps of L, then
+// the same reduction and scalar tail; storing and reloading an accumulator changes nothing), so a row's result does
+// not depend on how many rows share the call: bit-identical to the one-token step.
 #if defined(__AVX512F__)
 constexpr int kRowTile = 6;
 #elif defined(__AVX2__)
 constexpr int kRowTile = 3;
-#else
-constexpr int kRowTile = 4;
 #endif
-constexpr int64_t NR = 4;  // weight rows per tile
+constexpr int64_t NR = 4;    // weight rows per tile
+constexpr int64_t KC = 256;  // K chunk
 
-template <class W, int64_t C, int R>
-inline void dot_tile(const float* const* xr, const typename W::T* w, int64_t K, float* s, bool prefetch) {
-  using T = typename W::T;
-  constexpr int64_t LINE = 64 / sizeof(T);
-  const uintptr_t next = reinterpret_cast<uintptr_t>(w) + NB * K * sizeof(T);
-  int64_t k = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
+// acc[r * NB + j] += x_r[k0:k1] . w_j[k0:k1] for r < R, j < C (rows of w at w + j * K); `prefetch`: the lines of the
+// rows NB further on (the next block), as dot_block does
+template <class W, int64_t C, int R>
+inline void tile_chunk(const float* const* xr, const typename W::T* w, int64_t K, int64_t k0, int64_t k1,
+                       Isa::V* acc, bool prefetch) {
+  using T = typename W::T;
   using V = Isa::V;
-  constexpr int64_t L = Isa::L;
+  constexpr int64_t LINE = 64 / sizeof(T), L = Isa::L;
+  const uintptr_t next = reinterpret_cast<uintptr_t>(w) + NB * K * sizeof(T);
   V a[R][C];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int64_t j = 0; j < C; ++j) a[r][j] = Isa::zero();
-  for (; k + L <= K; k += L) {  // no lambda: GCC then keeps the accumulators in registers
+    for (int64_t j = 0; j < C; ++j) a[r][j] = acc[r * NB + j];
+  for (int64_t k = k0; k < k1; k += L) {  // no lambda here: GCC then keeps the accumulators in registers
     if (prefetch && k % LINE == 0) {
 #pragma GCC unroll 8
       for (int64_t j = 0; j < C; ++j) {
@@ -334,166 +336,76 @@ inline void dot_tile(const float* const* xr, const typename W::T* w, int64_t K, 
       for (int r = 0; r < R; ++r) a[r][j] = Isa::fma(xv[r], wv, a[r][j]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int64_t j = 0; j < C; ++j) s[r * NR + j] = Isa::reduce_add(a[r][j]);
-#else
-  (void)next;
-  (void)LINE;
-  (void)prefetch;
-  for (int r = 0; r < R; ++r)
-    for (int64_t j = 0; j < C; ++j) s[r * NR + j] = 0.f;
-#endif
-  for (; k < K; ++k) {  // tail (all of K without SIMD)
-    for (int64_t j = 0; j < C; ++j) {
-      const float wv = W::load1(w + j * K + k);
-      for (int r = 0; r < R; ++r) s[r * NR + j] += xr[r][k] * wv;
-    }
-  }
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < C; ++j) acc[r * NB + j] = a[r][j];
 }
 
 template <class W, int R>
-inline void dot_rows(const float* const* xr, const typename W::T* w, int64_t K, int64_t nr, float* s, bool pf) {
-  if (nr == NR) return dot_tile<W, NR, R>(xr, w, K, s, pf);
-  for (int64_t j = 0; j < nr; ++j) dot_tile<W, 1, R>(xr, w + j * K, K, s + j, false);
+inline void tile_rows(const float* const* xr, const typename W::T* w, int64_t K, int64_t k0, int64_t k1, int64_t nr,
+                      Isa::V* acc, bool prefetch) {
+  if (nr == NR) return tile_chunk<W, NR, R>(xr, w, K, k0, k1, acc, prefetch);
+  for (int64_t j = 0; j < nr; ++j) tile_chunk<W, 1, R>(xr, w + j * K, K, k0, k1, acc + j, false);
 }
 
-// R = 1 .. kRowTile rows of x against nr <= NR weight rows (dot_tile)
 template <class W>
-void dot_rows_any(int R, const float* const* xr, const typename W::T* w, int64_t K, int64_t nr, float* s, bool pf) {
+void tile_rows_any(int R, const float* const* xr, const typename W::T* w, int64_t K, int64_t k0, int64_t k1,
+                   int64_t nr, Isa::V* acc, bool prefetch) {
   switch (R) {
-    case 1: return dot_rows<W, 1>(xr, w, K, nr, s, pf);
-    case 2: return dot_rows<W, 2>(xr, w, K, nr, s, pf);
-    case 3: return dot_rows<W, 3>(xr, w, K, nr, s, pf);
-#if !defined(__AVX2__) || defined(__AVX512F__)
-    case 4: return dot_rows<W, 4>(xr, w, K, nr, s, pf);
-#endif
+    case 1: return tile_rows<W, 1>(xr, w, K, k0, k1, nr, acc, prefetch);
+    case 2: return tile_rows<W, 2>(xr, w, K, k0, k1, nr, acc, prefetch);
+    case 3: return tile_rows<W, 3>(xr, w, K, k0, k1, nr, acc, prefetch);
 #if defined(__AVX512F__)
-    case 5: return dot_rows<W, 5>(xr, w, K, nr, s, pf);
-    case 6: return dot_rows<W, 6>(xr, w, K, nr, s, pf);
+    case 4: return tile_rows<W, 4>(xr, w, K, k0, k1, nr, acc, prefetch);
+    case 5: return tile_rows<W, 5>(xr, w, K, k0, k1, nr, acc, prefetch);
+    case 6: return tile_rows<W, 6>(xr, w, K, k0, k1, nr, acc, prefetch);
 #endif
-    default: TORCH_CHECK(false, "dot_rows_any: bad row count ", R);
+    default: TORCH_CHECK(false, "tile_rows_any: bad row count ", R);
   }
-}
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-// K-blocked form of dot_tile for a full block: the R x NR accumulators live in acc (acc[r * NB + j]) between chunks
-// [k0, k1) of K, so a chunk of the block's weights and of every x row stays in L1 while all row tiles use it. The
-// FMAs of each accumulator run in the same order as dot_block's (k ascending in steps of L; storing and reloading
-// an accumulator changes nothing): bit-identical. `prefetch`: the next block's lines, as dot_block.
-constexpr int64_t KC = 256;  // K chunk: 8 weight rows (8 KB fp32) + 12 x rows (12 KB) fit L1 with room
-
-template <class W, int R>
-inline void tile_chunk(const float* const* xr, const typename W::T* w, int64_t K, int64_t k0, int64_t k1,
-                       Isa::V* acc, bool prefetch) {
-  using T = typename W::T;
-  using V = Isa::V;
-  constexpr int64_t LINE = 64 / sizeof(T), L = Isa::L;
-  const uintptr_t next = reinterpret_cast<uintptr_t>(w) + NB * K * sizeof(T);
-  V a[R][NR];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int64_t j = 0; j < NR; ++j) a[r][j] = acc[r * NB + j];
-  for (int64_t k = k0; k < k1; k += L) {
-    if (prefetch && k % LINE == 0) {
-#pragma GCC unroll 8
-      for (int64_t j = 0; j < NR; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(next + (j * K + k) * sizeof(T)), _MM_HINT_T0);
-      }
-    }
-    V xv[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      xv[r] = Isa::load(xr[r] + k);
-      asm("" : "+v"(xv[r]));  // in a register (see dot_tile)
-    }
-#pragma GCC unroll 8
-    for (int64_t j = 0; j < NR; ++j) {
-      const V wv = W::load(w + j * K + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) a[r][j] = Isa::fma(xv[r], wv, a[r][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int64_t j = 0; j < NR; ++j) acc[r * NB + j] = a[r][j];
-}
-
-template <class W>
-void tile_chunk_any(int R, const float* const* xr, const typename W::T* w, int64_t K, int64_t k0, int64_t k1,
-                    Isa::V* acc, bool prefetch) {
-  switch (R) {
-    case 1: return tile_chunk<W, 1>(xr, w, K, k0, k1, acc, prefetch);
-    case 2: return tile_chunk<W, 2>(xr, w, K, k0, k1, acc, prefetch);
-    case 3: return tile_chunk<W, 3>(xr, w, K, k0, k1, acc, prefetch);
-#if defined(__AVX512F__)
-    case 4: return tile_chunk<W, 4>(xr, w, K, k0, k1, acc, prefetch);
-    case 5: return tile_chunk<W, 5>(xr, w, K, k0, k1, acc, prefetch);
-    case 6: return tile_chunk<W, 6>(xr, w, K, k0, k1, acc, prefetch);
-#endif
-    default: TORCH_CHECK(false, "tile_chunk_any: bad row count ", R);
-  }
-}
-
-// one full block (NB channels at w, rows (N, K)) for all M rows: y[m * N + j] = sum_k x[m][k] w[j][k] * scale[j]
-template <class W>
-void block_rows_blocked(const float* x, const typename W::T* w, const float* scale, float* y, int64_t M, int64_t N,
-                        int64_t K, std::vector<Isa::V>& acc) {
-  const int64_t Kv = K / Isa::L * Isa::L;  // the vector part; the rest as dot_block's scalar tail
-  acc.assign(static_cast<size_t>(M * NB), Isa::zero());
-  const float* xr[kRowTile];
-  for (int64_t k0 = 0; k0 < Kv; k0 += KC) {
-    const int64_t k1 = std::min(Kv, k0 + KC);
-    for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-      const int R = static_cast<int>(std::min<int64_t>(kRowTile, M - m0));
-      for (int r = 0; r < R; ++r) xr[r] = x + (m0 + r) * K;
-      for (int64_t j0 = 0; j0 < NB; j0 += NR)
-        tile_chunk_any<W>(R, xr, w + j0 * K, K, k0, k1, acc.data() + m0 * NB + j0, m0 == 0);
-    }
-  }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < NB; ++j) {
-      float sum = Isa::reduce_add(acc[m * NB + j]);
-      for (int64_t k = Kv; k < K; ++k) sum += x[m * K + k] * W::load1(w + j * K + k);
-      y[m * N + j] = sum * (scale ? scale[j] : 1.f);
-    }
 }
 #endif
 
-// linear_kernel for M > 2: per block of NB channels, tiles of kRowTile rows x NR channels; the block's weights come
-// from memory once (the first row tile, which also prefetches the next block) and from cache for the other tiles
+// linear_kernel for M > 2 (see above)
 template <class W>
 void linear_kernel_rows(const float* x, const typename W::T* w, const float* scale, float* y, int64_t M, int64_t N,
                         int64_t K) {
   const int64_t nblocks = (N + NB - 1) / NB;
   at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
-    float s[kRowTile * NR];
-    const float* xr[kRowTile];
 #if defined(__AVX512F__) || defined(__AVX2__)
+    constexpr int64_t L = Isa::L;
+    const int64_t Kv = K / L * L;  // the vector part; the rest as dot_block's scalar tail
     std::vector<Isa::V> acc;
+    const float* xr[kRowTile];
 #endif
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NB, nb = std::min(NB, N - n0);
+      const typename W::T* wb = w + n0 * K;
+      int64_t k = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-      if (nb == NB) {
-        block_rows_blocked<W>(x, w + n0 * K, scale ? scale + n0 : nullptr, y + n0, M, N, K, acc);
-        continue;
-      }
-#endif
-      for (int64_t j0 = 0; j0 < nb; j0 += NR) {
-        const int64_t nr = std::min(NR, nb - j0);
+      acc.assign(static_cast<size_t>(M * NB), Isa::zero());
+      for (int64_t k0 = 0; k0 < Kv; k0 += KC) {
+        const int64_t k1 = std::min(Kv, k0 + KC);
         for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
           const int R = static_cast<int>(std::min<int64_t>(kRowTile, M - m0));
           for (int r = 0; r < R; ++r) xr[r] = x + (m0 + r) * K;
-          dot_rows_any<W>(R, xr, w + (n0 + j0) * K, K, nr, s, m0 == 0 && nb == NB);
-          for (int r = 0; r < R; ++r)
-            for (int64_t j = 0; j < nr; ++j) {
-              const int64_t n = n0 + j0 + j;
-              y[(m0 + r) * N + n] = s[r * NR + j] * (scale ? scale[n] : 1.f);
-            }
+          for (int64_t j0 = 0; j0 < nb; j0 += NR)
+            tile_rows_any<W>(R, xr, wb + j0 * K, K, k0, k1, std::min(NR, nb - j0), acc.data() + m0 * NB + j0,
+                             m0 == 0 && nb == NB);
         }
       }
+      k = Kv;
+#endif
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < nb; ++j) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+          float sum = Isa::reduce_add(acc[m * NB + j]);
+#else
+          float sum = 0.f;
+#endif
+          for (int64_t kk = k; kk < K; ++kk) sum += x[m * K + kk] * W::load1(wb + j * K + kk);
+          y[m * N + n0 + j] = sum * (scale ? scale[n0 + j] : 1.f);
+        }
     }
   });
 }
