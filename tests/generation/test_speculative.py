@@ -82,8 +82,8 @@ def test_speculative_tokens_and_generator_equal_the_plain_fused_loop(cfg_weight,
         p = SamplingParams(max_new_tokens=n, temperature=temperature, cfg_weight=cfg_weight)
         g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
         want = generate_tokens(m, x, p, generator=g1, step_fn=dec.target_step)
-        stats = {}
-        got = dec.generate(x, p, generator=g2, stats=stats)
+        got = dec.generate(x, p, generator=g2)
+        stats = dec.last_stats
         assert torch.equal(got, want)
         assert torch.equal(g1.get_state(), g2.get_state())  # the flow's noise comes next
         assert stats["tokens"] == got.shape[1]

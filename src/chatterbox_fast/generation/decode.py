@@ -43,6 +43,15 @@ def kv_bucket(n_filled: int, max_seq: int) -> int:
     return min(max_seq, -(-n_filled // KV_BUCKET) * KV_BUCKET)
 
 
+def ensure_caches(model: T3, batch: int, n: int) -> None:
+    """A KV cache for `batch` rows and at least n positions: reallocated (cache_len(n)) when too small, re-created
+    at its previous size after release_caches, else kept."""
+    if n > model.max_seq or batch != model.max_batch:
+        model.setup_caches(batch, cache_len(n))
+    elif not model.caches_allocated:  # released after the last generation: back at the same size
+        model.setup_caches(batch, model.max_seq)
+
+
 def prefill(model: T3, x: Tensor) -> Tensor:
     """x (B, S, D) prefill embeddings -> raw speech logits at the last position (B, V), fp32."""
     input_pos = torch.arange(x.shape[1], device=x.device)
@@ -104,10 +113,7 @@ def generate_tokens(
     device = prefill_x.device
     B, S, _ = prefill_x.shape
     n_max = params.max_new_tokens
-    if S + n_max > model.max_seq or B != model.max_batch:
-        model.setup_caches(B, cache_len(S + n_max))
-    elif not model.caches_allocated:  # released after the last generation: back at the same size
-        model.setup_caches(B, model.max_seq)
+    ensure_caches(model, B, S + n_max)
     if eos_check_every is None:
         eos_check_every = 1 if device.type == "cpu" else 16
     step = step_fn or decode_one_token

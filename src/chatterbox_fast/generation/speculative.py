@@ -27,7 +27,7 @@ from torch import Tensor
 from ..constants import STOP_SPEECH
 from ..models.t3 import T3
 from . import decode
-from .decode import cache_len, choose, new_state
+from .decode import choose, ensure_caches, new_state
 from .fused import FusedDecodeStep, fused_step_unsupported
 from .sampling import SamplingParams, exponential_noise
 
@@ -134,20 +134,16 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def generate(self, prefill_x: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                 on_token: Callable[[int, Tensor], None] | None = None, stats: dict | None = None) -> Tensor:
-        """As decode.generate_tokens (same output, same generator state after). `stats`, if given, receives
+                 on_token: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        """As decode.generate_tokens (same output, same generator state after); `last_stats` then holds the
         rounds / drafted / accepted / tokens counts."""
         k = check_draft_tokens(self.draft_tokens)
         model, draft = self.model, self.draft
         device = prefill_x.device
         B, S, _ = prefill_x.shape
         n_max = params.max_new_tokens
-        need = S + n_max + k  # a round may write up to k slots past the last emitted token
         for m in (model, draft):
-            if need > m.max_seq or B != m.max_batch:
-                m.setup_caches(B, cache_len(need))
-            elif not m.caches_allocated:
-                m.setup_caches(B, m.max_seq)
+            ensure_caches(m, B, S + n_max + k)  # a round may write up to k slots past the last emitted token
         noise = NoiseStream(model.cfg.speech_vocab_size, device, generator)
         out = torch.full((1, n_max), STOP_SPEECH, dtype=torch.long, device=device)
 
@@ -192,6 +188,4 @@ class SpeculativeDecoder:
                     accepted += 1
         noise.finish(n)
         self.last_stats = dict(rounds=rounds, drafted=drafted, accepted=accepted, tokens=n)
-        if stats is not None:
-            stats.update(self.last_stats)
         return out[:, :n]
