@@ -17,8 +17,8 @@ from chatterbox_fast.constants import STOP_SPEECH
 from chatterbox_fast.generation.decode import generate_tokens, new_state, prefill
 from chatterbox_fast.generation.fused import FusedDecodeStep
 from chatterbox_fast.generation.sampling import SamplingParams
-from chatterbox_fast.generation.speculative import (NoiseStream, SpeculativeDecoder, build_int8_draft,
-                                                    check_draft_tokens)
+from chatterbox_fast.generation.speculative import (DraftLength, NoiseStream, SpeculativeDecoder,
+                                                    build_int8_draft, check_draft_tokens)
 from chatterbox_fast.quantize import quantize_t3
 
 from helpers import kv_caches, require_cpu_kernels, tiny_t3, tiny_t3_as
@@ -75,7 +75,7 @@ def test_k_token_step_equals_k_one_token_steps_bitwise(fmt, kv_dtype, batch, k):
 @pytest.mark.parametrize("draft_tokens", [1, 2, 5, 9])
 def test_speculative_tokens_and_generator_equal_the_plain_fused_loop(cfg_weight, draft_tokens):
     m = _fp32_model()
-    dec = SpeculativeDecoder(m, draft_tokens=draft_tokens)
+    dec = SpeculativeDecoder(m, draft_tokens=draft_tokens, adaptive=False)
     B = 2 if cfg_weight > 0 else 1
     x = torch.randn(B, 11, m.cfg.dim, generator=torch.Generator().manual_seed(2))
     for temperature, n in ((0.8, 40), (1.5, 23)):
@@ -93,9 +93,111 @@ def test_speculative_tokens_and_generator_equal_the_plain_fused_loop(cfg_weight,
             assert stats["drafted"] == 0
 
 
+def _spoil_draft(dec: SpeculativeDecoder) -> None:
+    """A draft that never agrees: each of its tokens shifted by one id."""
+    step = dec.draft_step
+    dec.draft_step = lambda *args: (step(*args) + 1) % STOP_SPEECH
+
+
+@pytest.mark.parametrize("spoil", [False, True])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_the_draft_and_the_round_length_change_the_speed_not_the_tokens(adaptive, spoil):
+    # adaptive: the k of each round comes from the measured times of this tiny model (any k is exact)
+    m = _fp32_model()
+    dec = SpeculativeDecoder(m, draft_tokens=6, adaptive=adaptive)
+    if spoil:
+        _spoil_draft(dec)
+    x = torch.randn(2, 11, m.cfg.dim, generator=torch.Generator().manual_seed(2))
+    p = SamplingParams(max_new_tokens=120)
+    for seed in (3, 4):  # the second generation starts from the first's round-length statistics
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        want = generate_tokens(m, x, p, generator=g1, step_fn=dec.target_step)
+        got = dec.generate(x, p, generator=g2)
+        assert torch.equal(got, want) and torch.equal(g1.get_state(), g2.get_state())
+        st = dec.last_stats
+        assert sum(st["k_rounds"].values()) == st["rounds"] and max(st["k_rounds"]) <= 6
+        assert st["drafted"] == sum((k - 1) * c for k, c in st["k_rounds"].items())
+        if not adaptive:
+            assert st["k_rounds"].get(6, 0) >= 0.8 * st["rounds"]  # the last few shortened to the tokens left
+            if spoil:
+                assert st["accepted"] < 0.1 * st["drafted"]
+            else:
+                assert st["accepted"] > 0.5 * st["drafted"]
+
+
+def test_the_draft_catches_up_on_the_slots_of_plain_rounds():
+    m = _fp32_model()
+    dec = SpeculativeDecoder(m, draft_tokens=4)
+    ks = iter([1, 1, 1, 4, 1, 3] + [1] * 100)
+    dec.lengths.choose = lambda remaining: min(next(ks), remaining)  # plain rounds, then drafting ones
+    x = torch.randn(2, 11, m.cfg.dim, generator=torch.Generator().manual_seed(2))
+    p = SamplingParams(max_new_tokens=9)
+    want = generate_tokens(m, x, p, generator=torch.Generator().manual_seed(1), step_fn=dec.target_step)
+    got = dec.generate(x, p, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(got, want)
+    # slots 11 .. 13 were fed by plain rounds only: the draft got the target's (as bf16) before its first round
+    for tl, dl in zip(m.tfmr.layers, dec.draft.tfmr.layers):
+        tk, dk = tl.self_attn.kv_cache.k_cache, dl.self_attn.kv_cache.k_cache
+        assert torch.equal(dk[:, :, 11:14], tk[:, :, 11:14].to(dk.dtype))
+        assert dk[:, :, 11:14].abs().sum() > 0
+
+
+class TestDraftLength:
+    def test_prior_only_picks_a_short_round(self):
+        # agreement 0.8 and the default costs (draft 0.45, check 1 + 0.2 (k - 1)): k = 2 is the best rate
+        assert DraftLength(8).choose(100) == 2
+
+    def test_a_draft_that_never_agrees_turns_speculation_off(self):
+        d = DraftLength(6)
+        for _ in range(20):
+            d.update(2, trials=1, hits=0, draft_s=0.04, check_s=0.1)
+        assert d.agreement() < 0.25
+        assert d.choose(100) == 1
+
+    def test_a_cheap_draft_that_always_agrees_gets_the_longest_round(self):
+        d = DraftLength(8)
+        for k in (2, 8, 2, 8):
+            d.update(k, trials=k - 1, hits=k - 1, draft_s=0.001 * (k - 1), check_s=0.1 + 0.001 * k)
+        assert d.choose(100) == 8
+        assert d.choose(3) == 3  # never past the tokens left
+        assert d.choose(1) == 1
+
+    def test_an_expensive_check_shortens_rounds(self):
+        d = DraftLength(8)
+        for k in (2, 6, 2, 6):  # checking costs a full step per extra token: drafting cannot pay
+            d.update(k, trials=k - 1, hits=k - 1, draft_s=0.05 * (k - 1), check_s=0.1 * k)
+        assert d.check_cost(4) == pytest.approx(0.4)
+        assert d.choose(100) == 1
+
+    def test_probes_back_off_while_the_draft_stays_poor(self):
+        d = DraftLength(6, probe_every=4, max_probe_every=16)
+        d.update(2, trials=30, hits=0, draft_s=0.04, check_s=0.1)
+        gaps, plain = [], 0
+        for _ in range(80):
+            k = d.choose(100)
+            if k == 2:
+                gaps.append(plain)
+                plain = 0
+                d.update(2, trials=1, hits=0, draft_s=0.04, check_s=0.11)
+            else:
+                assert k == 1
+                plain += 1
+                d.update(1, trials=0, hits=0, draft_s=None, check_s=0.1)
+        assert gaps[:3] == [4, 8, 16] and set(gaps[3:]) <= {16}
+
+    def test_a_probe_that_finds_agreement_resumes_drafting(self):
+        d = DraftLength(6, probe_every=4)
+        d.update(2, trials=10, hits=0, draft_s=0.04, check_s=0.1)
+        while d.choose(100) == 1:
+            d.update(1, trials=0, hits=0, draft_s=None, check_s=0.1)
+        for _ in range(10):  # the probe and the rounds after it agree
+            d.update(2, trials=1, hits=1, draft_s=0.04, check_s=0.11)
+        assert d.choose(100) > 1 and d.probe_every == 4
+
+
 def test_speculative_stops_at_eos_mid_round_like_the_plain_loop():
     m = _fp32_model(stop_boost=8.0)
-    dec = SpeculativeDecoder(m, draft_tokens=6)
+    dec = SpeculativeDecoder(m, draft_tokens=6, adaptive=False)
     x = torch.randn(2, 11, m.cfg.dim, generator=torch.Generator().manual_seed(3))
     p = SamplingParams(max_new_tokens=80)
     ended = 0
@@ -112,7 +214,7 @@ def test_speculative_stops_at_eos_mid_round_like_the_plain_loop():
 @pytest.mark.parametrize("n", [1, 2, 3, 7])
 def test_speculative_respects_max_new_tokens(n):
     m = _fp32_model()
-    dec = SpeculativeDecoder(m, draft_tokens=4)
+    dec = SpeculativeDecoder(m, draft_tokens=4, adaptive=False)
     x = torch.randn(2, 11, m.cfg.dim, generator=torch.Generator().manual_seed(4))
     p = SamplingParams(max_new_tokens=n)
     want = generate_tokens(m, x, p, generator=torch.Generator().manual_seed(1), step_fn=dec.target_step)

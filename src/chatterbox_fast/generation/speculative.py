@@ -15,10 +15,18 @@ disagreement only ends the round early: the fp32 token of that position is emitt
 discarded (both KV caches are overwritten from there on). Not a sampling approximation (no acceptance ratio, no
 residual distribution): the tokens do not depend on the draft at all, only the speed does. The generator is left
 where the plain loop leaves it (the flow's noise comes next).
+
+How many tokens a round checks is chosen per round (`DraftLength`, on by default): from the draft's running
+agreement and the measured costs of a draft step and of checking k tokens, the k whose expected tokens per second
+is highest, down to k = 1 (no draft: a plain step) when the draft agrees too rarely to pay. Long rounds cost more
+than they return unless the draft almost always agrees (checking k tokens is ~1 + 0.2 (k - 1) one-token steps on
+the 2-core machine measured), and the draft's agreement on the released weights is unknown here: the choice keeps
+speculation from ever costing much more than the plain loop. The output never depends on it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -70,6 +78,91 @@ def build_int8_draft(target: T3) -> T3:
     return draft
 
 
+class DraftLength:
+    """Each round's k (tokens checked; k - 1 drafted), the one with the most expected tokens per unit of cost.
+
+    The draft's agreement is modelled per position: proposal i survives with probability a, independently, so
+    checking k tokens emits E(k) = 1 + a + ... + a^(k-1) of them on average. `a` is the decayed share of agreeing
+    proposals (each checked proposal is one trial; a `prior` worth `prior_weight` trials starts it). A round costs
+    (k - 1) draft steps plus one k-token check: the draft step's time is a running mean of the measured ones, the
+    check's a line fitted through the running means of the measured k (with `verify_slope` one-token checks per
+    extra token until two k have been measured; `draft_cost` one-token checks per draft step until one was). After
+    `probe_every` rounds of k = 1 in a row, one round with k = 2 measures the draft again; while such probes do not
+    change the choice, the interval doubles (up to `max_probe_every`).
+    """
+
+    def __init__(self, k_max: int, prior: float = 0.8, prior_weight: float = 4.0, decay: float = 0.95,
+                 draft_cost: float = 0.45, verify_slope: float = 0.2, probe_every: int = 16,
+                 max_probe_every: int = 256, ema: float = 0.3):
+        self.k_max = check_draft_tokens(k_max)
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        self.draft_cost, self.verify_slope, self.ema = draft_cost, verify_slope, ema
+        self.probe_every = self.min_probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self.hits = self.trials = 0.0
+        self.t_draft: float | None = None  # seconds per draft step
+        self.t_check: dict[int, float] = {}  # k -> seconds per k-token check
+        self.plain_rounds = 0
+        self.probing = False
+
+    def agreement(self) -> float:
+        return (self.hits + self.prior * self.prior_weight) / (self.trials + self.prior_weight)
+
+    def check_cost(self, k: int) -> float:
+        """Seconds (or, before any measurement, one-token checks) to check k tokens."""
+        pts = sorted(self.t_check.items())
+        if len(pts) >= 2:  # least squares through the measured means
+            n = len(pts)
+            mk = sum(p[0] for p in pts) / n
+            mt = sum(p[1] for p in pts) / n
+            var = sum((p[0] - mk) ** 2 for p in pts)
+            slope = max(0.0, sum((p[0] - mk) * (p[1] - mt) for p in pts) / var)
+            return max(mt + slope * (k - mk), 1e-9)
+        if pts:
+            k0, t0 = pts[0]
+            return t0 * (1 + self.verify_slope * (k - 1)) / (1 + self.verify_slope * (k0 - 1))
+        return 1 + self.verify_slope * (k - 1)
+
+    def choose(self, remaining: int) -> int:
+        k_top = max(1, min(self.k_max, remaining))
+        if k_top == 1:
+            return 1
+        if self.plain_rounds >= self.probe_every:
+            self.probing = True
+            return 2
+        k = self._best(k_top)
+        if self.probing:  # the first choice after a probe
+            self.probing = False
+            self.probe_every = (min(2 * self.probe_every, self.max_probe_every) if k == 1
+                                else self.min_probe_every)
+        return k
+
+    def _best(self, k_top: int) -> int:
+        a = self.agreement()
+        t_draft = self.t_draft if self.t_draft is not None else self.draft_cost * self.check_cost(1)
+        best_k, best = 1, 0.0
+        expected = 0.0
+        for k in range(1, k_top + 1):
+            expected += a ** (k - 1)  # E(k)
+            rate = expected / ((k - 1) * t_draft + self.check_cost(k))
+            if rate > best * (1 + 1e-9):
+                best_k, best = k, rate
+        return best_k
+
+    def update(self, k: int, trials: int, hits: int, draft_s: float | None, check_s: float) -> None:
+        """After a round of k: `trials` proposals checked, `hits` of them agreed; the draft's total time (None
+        without a draft) and the check's."""
+        if trials:  # plain rounds keep the estimate (probes refresh it)
+            self.hits = self.hits * self.decay + hits
+            self.trials = self.trials * self.decay + trials
+        self.plain_rounds = self.plain_rounds + 1 if k == 1 else 0  # a probe (k = 2) restarts the count
+        if draft_s is not None and k > 1:
+            t = draft_s / (k - 1)
+            self.t_draft = t if self.t_draft is None else (1 - self.ema) * self.t_draft + self.ema * t
+        old = self.t_check.get(k)
+        self.t_check[k] = check_s if old is None else (1 - self.ema) * old + self.ema * check_s
+
+
 class NoiseStream:
     """The sampler's noise, one (1, V) Exp(1) draw per generated token, in the order the plain loop draws it, with
     look-ahead: `get(i)` is the noise of token i (drawn on first use); `finish(n)` leaves the generator as a loop
@@ -97,14 +190,16 @@ class NoiseStream:
         self.gen.set_state(self.states[min(n, len(self.noise))])
 
 
-def copy_cache_prefix(src: T3, dst: T3, n: int) -> None:
-    """dst's KV cache slots [0, n) := src's (converted to dst's cache format): the draft starts from the target's
-    prefill instead of running its own."""
-    pos = torch.arange(n, device=src.speech_head.weight.device)
+def copy_cache_slots(src: T3, dst: T3, start: int, stop: int) -> None:
+    """dst's KV cache slots [start, stop) := src's (converted to dst's cache format): the draft starts from the
+    target's prefill instead of running its own, and catches up on the positions of plain rounds the same way."""
+    if stop <= start:
+        return
+    pos = torch.arange(start, stop, device=src.speech_head.weight.device)
     for s, d in zip(src.tfmr.layers, dst.tfmr.layers):
         sc, dc = s.self_attn.kv_cache, d.self_attn.kv_cache
-        k, v = sc.read(n, torch.float32)
-        dc.update(pos, k, v)
+        k, v = sc.read(stop, torch.float32)
+        dc.update(pos, k[:, :, start:], v[:, :, start:])
 
 
 class SpeculativeDecoder:
@@ -117,7 +212,7 @@ class SpeculativeDecoder:
     `release_caches()` frees both models' caches."""
 
     def __init__(self, model: T3, target_step: FusedDecodeStep | None = None,
-                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS, adaptive: bool = True):
         reason = fused_step_unsupported(model)
         if reason is not None:
             raise ValueError(f"speculative decoding needs the fused CPU decode step: {reason}")
@@ -125,8 +220,10 @@ class SpeculativeDecoder:
         self.target_step = target_step or FusedDecodeStep(model)
         self.draft = build_int8_draft(model)
         self.draft_step = FusedDecodeStep(self.draft)
-        self.draft_tokens = check_draft_tokens(draft_tokens)
-        self.last_stats: dict = {}  # the last generation's rounds / drafted / accepted / tokens
+        self.draft_tokens = check_draft_tokens(draft_tokens)  # k, or with `adaptive` the largest k
+        self.adaptive = bool(adaptive)  # each round's k from DraftLength (kept across generations), else always k
+        self.lengths = DraftLength(self.draft_tokens) if self.adaptive else None
+        self.last_stats: dict = {}  # the last generation's rounds / drafted / accepted / tokens / k per round
 
     def release_caches(self) -> None:
         self.model.release_caches()
@@ -136,8 +233,11 @@ class SpeculativeDecoder:
     def generate(self, prefill_x: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
                  on_token: Callable[[int, Tensor], None] | None = None) -> Tensor:
         """As decode.generate_tokens (same output, same generator state after); `last_stats` then holds the
-        rounds / drafted / accepted / tokens counts."""
+        rounds / drafted / accepted / tokens counts and the histogram of k per round."""
         k = check_draft_tokens(self.draft_tokens)
+        lengths = self.lengths if self.adaptive else None
+        if lengths is not None and lengths.k_max != k:
+            lengths = self.lengths = DraftLength(k)
         model, draft = self.model, self.draft
         device = prefill_x.device
         B, S, _ = prefill_x.shape
@@ -150,25 +250,34 @@ class SpeculativeDecoder:
         state = new_state(model, S, B, device)
         dstate = new_state(draft, S, B, device)
         tok = choose(decode.prefill(model, prefill_x), state, noise.get(0), params)
-        copy_cache_prefix(model, draft, S)
+        copy_cache_slots(model, draft, 0, S)
+        draft_filled = S  # the draft's cache slots [0, draft_filled) hold the tokens emitted so far
         out[:, 0] = tok
         if on_token is not None:
             on_token(0, tok)
         n, rounds, drafted, accepted = 1, 0, 0, 0
+        k_hist: dict[int, int] = {}
         done = int(tok) == STOP_SPEECH
         while not done and n < n_max:
-            kr = min(k, n_max - n)  # tokens n .. n + kr - 1 this round
-            # the draft, from the fp32 state (positions, seen ids): kr - 1 proposals after tok
-            dstate.input_pos.copy_(state.input_pos)
-            dstate.speech_pos.copy_(state.speech_pos)
-            dstate.seen.copy_(state.seen)
+            kr = lengths.choose(n_max - n) if lengths is not None else min(k, n_max - n)  # tokens n .. n + kr - 1
+            k_hist[kr] = k_hist.get(kr, 0) + 1
+            t0 = time.perf_counter()
             feed = [tok]
+            if kr > 1:  # the draft, from the fp32 state (positions, seen ids): kr - 1 proposals after tok
+                pos = int(state.input_pos)
+                copy_cache_slots(model, draft, draft_filled, pos)  # the slots of plain rounds since it last ran
+                dstate.input_pos.copy_(state.input_pos)
+                dstate.speech_pos.copy_(state.speech_pos)
+                dstate.seen.copy_(state.seen)
             for j in range(kr - 1):
                 feed.append(self.draft_step(draft, feed[-1], dstate, noise.get(n + j), params, 0))
             proposals = torch.cat(feed)  # (kr,): tok, then the draft's tokens n .. n + kr - 2
+            t1 = time.perf_counter()
             logits = self.target_step.tokens_logits(model, proposals, state)  # (B, kr, V)
+            t2 = time.perf_counter()
             rounds += 1
             drafted += kr - 1
+            trials = hits = 0
             for j in range(kr):
                 t = choose(logits[:, j], state, noise.get(n), params)  # the fp32 model's own draw of token n
                 noise.release(n)
@@ -183,9 +292,16 @@ class SpeculativeDecoder:
                     done = True
                     break
                 if j + 1 < kr:
+                    trials += 1
                     if int(t) != int(proposals[j + 1]):
                         break  # the draft's later proposals followed another token: discard them
-                    accepted += 1
+                    hits += 1
+            accepted += hits
+            if kr > 1:  # the draft fed tok and its proposals; those up to the last emitted token are right
+                draft_filled = int(state.input_pos)
+            if lengths is not None:
+                lengths.update(kr, trials, hits, t1 - t0 if kr > 1 else None, t2 - t1)
         noise.finish(n)
-        self.last_stats = dict(rounds=rounds, drafted=drafted, accepted=accepted, tokens=n)
+        self.last_stats = dict(rounds=rounds, drafted=drafted, accepted=accepted, tokens=n,
+                               k_rounds=dict(sorted(k_hist.items())))
         return out[:, :n]
