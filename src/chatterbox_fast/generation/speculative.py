@@ -4,9 +4,10 @@ T3's fp32 decode step reads 2 GB of weights per token, so on a CPU it is bound b
 applied to k tokens at once cost little more than to one. Here a draft (T3 with int8 copies of the layer linears,
 a quarter of the bytes, everything else shared) proposes k - 1 tokens one by one, and the fp32 model computes its
 logits for all k positions (the last emitted token and the proposals) in one pass over its weights. The draw is
-the sampler's exponential race (argmax p / E, sampling.sample) and both models race with the *same* noise E of each step, drawn from the caller's generator in the plain loop's order
-(`NoiseStream`), so the draft usually proposes exactly the token the fp32 model then draws: their distributions are
-close (int8 weights: total variation ~0.016 on random weights), and coupled this way they rarely disagree.
+the sampler's exponential race (argmax p / E, sampling.sample) and both models race with the *same* noise E of
+each step, drawn from the caller's generator in the plain loop's order (`NoiseStream`), so the draft usually
+proposes exactly the token the fp32 model then draws: their distributions are close (int8 weights: total
+variation ~0.016 on random weights), and coupled this way they rarely disagree.
 
 Every emitted token is the fp32 model's own draw from its own processed logits with the noise of its step, so the
 output is the plain loop's output: bit for bit, since the k-token verification (`FusedDecodeStep.tokens_logits`)
