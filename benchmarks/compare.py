@@ -29,7 +29,9 @@ run counts. Modes:
                  estimator; AVX512-VNNI CPUs; changes the numbers, opt-in)
   int8-compiled-flowint8attn-kv8  the same with kv_cache="int8" (T3's KV cache in int8, CPU only; opt-in)
   eager-spec  eager + speculative="int8" (CPU: an int8 draft proposes, fp32 T3 verifies several tokens per pass;
-              exact: the same tokens and audio as eager, bit for bit)
+              exact: the same tokens and audio as eager-plain, bit for bit). Since session 12 the engine's default
+              (speculative="auto") does this on the CPU wherever it applies, so on a CPU eager = eager-spec.
+  eager-plain eager with speculative=None: the plain decode loop (what eager meant up to session 11)
 usage: python benchmarks/compare.py --ckpt-dir DIR [--device cuda] [--modes eager,bf16] [--cases short,medium,long]
        [--rounds N]
 """
@@ -71,9 +73,10 @@ MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quan
     "int8-compiled-flowint8attn": (True, False, True, "int8", None, "int8-attn"),
     "int8-compiled-flowint8attn-kv8": (True, False, True, "int8", None, "int8-attn"),
     "eager-spec": (False, False, False, None, None, None),
+    "eager-plain": (False, False, False, None, None, None),
 }
 KV_CACHE = {"int8-compiled-flowint8attn-kv8": "int8"}  # modes with a kv_cache option (default otherwise)
-SPECULATIVE = {"eager-spec": "int8"}  # modes with a speculative option
+SPECULATIVE = {"eager-spec": "int8", "eager-plain": None}  # modes with a speculative option (else the default)
 STOP_SPEECH, START_SPEECH = 6562, 6561
 DEFAULT_REF_PYTHON = Path(os.environ.get("CHATTERBOX_FAST_ORACLE_DIR",
                                          Path.home() / ".cache/chatterbox-fast/oracle")) / "venv/bin/python"
@@ -108,8 +111,8 @@ def run_ours(a, cases, mode: str) -> dict:
     if cuda and s3gen_quantize is not None:
         return {"skipped": f"mode {mode} is CPU-only"}
     kv_cache = KV_CACHE.get(mode)
-    speculative = SPECULATIVE.get(mode)
-    if cuda and (kv_cache == "int8" or speculative):
+    speculative = SPECULATIVE.get(mode, "auto")
+    if cuda and (kv_cache == "int8" or speculative == "int8"):
         return {"skipped": f"mode {mode} is CPU-only"}
     res = {"impl": "ours", "mode": mode, "quantize": quantize, "cfm_steps": cfm_steps or 10,
            "s3gen_quantize": s3gen_quantize, "kv_cache": kv_cache, "speculative": speculative, "cases": {}}
@@ -124,8 +127,9 @@ def run_ours(a, cases, mode: str) -> dict:
                                                 cuda_graphs=graphs, quantize=quantize,
                                                 **({"s3gen_quantize": s3gen_quantize} if s3gen_quantize else {}),
                                                 **({"kv_cache": kv_cache} if kv_cache else {}),
-                                                **({"speculative": speculative} if speculative else {}))
+                                                **({"speculative": speculative} if mode in SPECULATIVE else {}))
     res["load_s"] = time.perf_counter() - t0
+    res["speculative"] = "int8" if getattr(eng, "_speculative", None) is not None else None  # what "auto" chose
     if cuda:
         res["gpu_after_load_gb"] = torch.cuda.memory_allocated() / 1e9
     timer = common.StageTimer(cuda)

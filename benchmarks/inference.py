@@ -324,8 +324,12 @@ def supports_quantize() -> bool:
 
 
 def load_engine(ckpt: Path, device: torch.device, options: dict[str, Any]):
+    """The engine of a mode, with speculative decoding off: this script times T3's decode step against its weight
+    floor, one token per step (the speculative decoder emits tokens in bursts; benchmarks/compare.py times it)."""
     from chatterbox_fast import OptimizedChatterboxTTS
 
+    if "speculative" in inspect.signature(OptimizedChatterboxTTS.from_local).parameters:
+        options = {"speculative": None, **options}
     return OptimizedChatterboxTTS.from_local(ckpt, device=str(device), enable_watermark=False, **options)
 
 

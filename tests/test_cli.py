@@ -24,7 +24,8 @@ def test_speak_writes_a_24k_wav(oracle_ckpt, tmp_path, capsys):
     rc = main(["speak", "Hello from the command line.", "-o", str(out), "--ckpt-dir", str(oracle_ckpt),
                "--device", "cpu", "--no-watermark", "--max-new-tokens", "6", "--seed", "0", "--cfm-steps", "4",
                "--s3gen-quantize", "int8-attn" if kernels.load() and kernels.int8_attention_ready() else "int8",
-               *(["--speculative", "int8"] if kernels.load() and kernels.isa() in ("avx512", "avx2") else [])])
+               *(["--speculative", "int8"] if kernels.load() and kernels.isa() in ("avx512", "avx2")
+                 else ["--speculative", "off"])])
     assert rc == 0
     info = sf.info(out)
     assert info.samplerate == 24000 and info.channels == 1 and info.frames > 0

@@ -44,9 +44,9 @@ def _speak_parser(sub) -> None:
     p.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], help="T3's KV cache storage (default fp32, bf16 "
                    "with --quantize / --bf16 on CPU); int8 (CPU): a quarter of the cache bytes per token, changes the "
                    "audio (drift in BENCHMARKS.md)")
-    p.add_argument("--speculative", choices=["int8"], help="CPU, fp32 T3: an int8 draft of T3 proposes tokens and "
-                   "the fp32 model checks several per pass over its weights; the same audio, bit for bit, faster "
-                   "(+0.5 GB)")
+    p.add_argument("--speculative", choices=["auto", "int8", "off"], default="auto", help="CPU, fp32 T3: an int8 "
+                   "draft of T3 proposes tokens and the fp32 model checks several per pass over its weights; the "
+                   "same audio, bit for bit, faster (+0.5 GB). auto (default): int8 where it applies; off: never")
     p.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the decode step and the flow estimator "
                    "eagerly instead of replaying CUDA graphs")
     p.add_argument("--cfm-steps", type=int, help="S3Gen flow-matching steps (default 10 = the reference's, exact); "
@@ -62,7 +62,7 @@ def _speak(args) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     kw = dict(device=args.device, enable_compilation=args.compile, use_mixed_precision=args.bf16,
               enable_watermark=not args.no_watermark, quantize=args.quantize, cuda_graphs=not args.no_cuda_graphs,
-              s3gen_quantize=args.s3gen_quantize, kv_cache=args.kv_cache, speculative=args.speculative)
+              s3gen_quantize=args.s3gen_quantize, kv_cache=args.kv_cache, speculative=None if args.speculative == "off" else args.speculative)
     t0 = time.perf_counter()
     if args.ckpt_dir is not None:
         model = OptimizedChatterboxTTS.from_local(args.ckpt_dir, **kw)

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 WARM_POSITIONS = 1100  # KV-cache positions allocated at warm-up: conditioning 34 + text + 1000 new tokens
 MAX_CFM_STEPS = 100  # upper bound accepted for generate(cfm_steps=...)
 SPECULATIVE_MODES = ("int8",)  # from_local(speculative=...): the draft's weight format
+SPECULATIVE_AUTO = "auto"  # the default: "int8" wherever it applies (exact fp32 T3 through the fused CPU step)
 
 
 def _trim_heap() -> None:
@@ -125,6 +126,7 @@ class OptimizedChatterboxTTS:
     def __init__(self, parts: Components, device: torch.device, *, enable_compilation: bool = False,
                  use_mixed_precision: bool = False, enable_watermark: bool = True, cuda_graphs: bool = True,
                  speculative: str | None = None):
+        _check_speculative(speculative)
         self.t3 = parts.t3
         self.s3gen = parts.s3gen
         self.conditioner = parts.conditioner
@@ -150,23 +152,24 @@ class OptimizedChatterboxTTS:
             from .generation.cuda_graph import graph_estimator
 
             graph_estimator(self.s3gen, torch.bfloat16 if use_mixed_precision else None, graphs=self.cuda_graphs)
-        self._speculative = None  # generation/speculative.SpeculativeDecoder when speculative="int8"
+        self._speculative = None  # generation/speculative.SpeculativeDecoder when speculative is on
         if speculative is not None:
             self._speculative = self._speculative_decoder(speculative)
         if enable_compilation and self._step_fn is not None and not self.fused_decode:
             self.warm_up()
 
     def _speculative_decoder(self, mode: str):
+        """The SpeculativeDecoder for `mode`; "auto": None where it does not apply (no error)."""
         from .generation.fused import fused_step_unsupported
         from .generation.speculative import SpeculativeDecoder
 
-        if mode not in SPECULATIVE_MODES:
-            raise ValueError(f"speculative must be None or one of {SPECULATIVE_MODES}, got {mode!r}")
         reason = None if self.fused_decode else "T3 does not decode through the fused CPU step here"
         qkv = self.t3.tfmr.layers[0].self_attn.qkv_proj
         if reason is None and not (type(qkv) is torch.nn.Linear and qkv.weight.dtype == torch.float32):
             reason = "T3's layer linears are not fp32 (quantize / use_mixed_precision on a CPU)"
         reason = reason or fused_step_unsupported(self.t3)
+        if reason is not None and mode == SPECULATIVE_AUTO:
+            return None
         if reason is not None:
             raise ValueError(f"speculative={mode!r} needs exact fp32 T3 decoding through the fused CPU step (device "
                              f"cpu, quantize=None, use_mixed_precision=False, C++ kernels built): {reason}")
@@ -193,7 +196,7 @@ class OptimizedChatterboxTTS:
                         enable_watermark: bool = True, repo_id: str = REPO_ID, revision: str | None = None,
                         cache_dir: str | None = None, quantize: str | None = None,
                         cuda_graphs: bool = True, s3gen_quantize: str | None = None,
-                        kv_cache: str | None = None, speculative: str | None = None) -> "OptimizedChatterboxTTS":
+                        kv_cache: str | None = None, speculative: str | None = SPECULATIVE_AUTO) -> "OptimizedChatterboxTTS":
         """Download (or reuse the Hugging Face cache of) ResembleAI/chatterbox and load it."""
         ckpt = download_checkpoint(repo_id, revision, cache_dir)
         return cls.from_local(ckpt, device=device, enable_compilation=enable_compilation,
@@ -205,7 +208,7 @@ class OptimizedChatterboxTTS:
     def from_local(cls, ckpt_dir, device=None, enable_compilation: bool = False, use_mixed_precision: bool = False,
                    enable_watermark: bool = True, quantize: str | None = None,
                    cuda_graphs: bool = True, s3gen_quantize: str | None = None,
-                   kv_cache: str | None = None, speculative: str | None = None) -> "OptimizedChatterboxTTS":
+                   kv_cache: str | None = None, speculative: str | None = SPECULATIVE_AUTO) -> "OptimizedChatterboxTTS":
         """Load from a folder holding ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json
         and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads.
         quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md);
@@ -222,10 +225,12 @@ class OptimizedChatterboxTTS:
         or use_mixed_precision on a CPU); "fp32" / "bf16" force one; "int8" (CPU only, opt-in, CHANGES THE OUTPUT):
         one int8 per value with an fp32 scale per (head, position) row, a quarter of the bytes each decode step reads
         from the cache (what grows with the length of the generation; drift in BENCHMARKS.md).
-        speculative="int8" (CPU, exact fp32 T3 only; opt-in, does NOT change the output): an int8 copy of T3's layers
+        speculative (does NOT change the output): "int8" (CPU, exact fp32 T3 only): an int8 copy of T3's layers
         (+0.5 GB) drafts a few tokens per round with the same sampling noise, and the fp32 model checks them all in
         one pass over its weights (generation/speculative.py): the same tokens as without it, bit for bit, in less
-        time (BENCHMARKS.md)."""
+        time (BENCHMARKS.md); how many per round adapts to how often the draft agrees, down to none. "auto" (the
+        default): "int8" where it applies (device cpu, quantize=None, use_mixed_precision=False, the C++ kernels
+        built), off elsewhere. None: off (0.5 GB less memory)."""
         from .quantize import (KV_CACHE_DTYPES, check_int8_attention_supported, check_kv_cache_mode,
                                check_quantize_mode, check_s3gen_quantize_mode, quantize_s3gen, quantize_t3)
 
@@ -240,8 +245,7 @@ class OptimizedChatterboxTTS:
             raise ValueError(f"s3gen_quantize={s3gen_quantize!r} is a CPU mode (int8 GEMMs); on {dev.type} leave it "
                              "None (use_mixed_precision=True selects bf16 on CUDA)")
         check_int8_attention_supported(s3gen_quantize)
-        if speculative is not None and speculative not in SPECULATIVE_MODES:
-            raise ValueError(f"speculative must be None or one of {SPECULATIVE_MODES}, got {speculative!r}")
+        _check_speculative(speculative)
         if dev.type == "cpu":
             cpu_kernels.load()  # our C++ kernels (T3 decode attention, int8 / bf16 linears); a failed build warns
         t3_dtype = torch.float32
@@ -420,6 +424,12 @@ class OptimizedChatterboxTTS:
             marked = self.watermarker.apply_watermark(wav.squeeze(0).numpy(), sample_rate=self.sr)
             wav = torch.from_numpy(np.ascontiguousarray(marked, dtype=np.float32)).unsqueeze(0)
         return wav
+
+
+def _check_speculative(mode) -> None:
+    if mode is not None and mode not in SPECULATIVE_MODES + (SPECULATIVE_AUTO,):
+        raise ValueError(f"speculative must be None, {SPECULATIVE_AUTO!r} or one of {SPECULATIVE_MODES}, got "
+                         f"{mode!r}")
 
 
 def _check_cfm_steps(n) -> None:

@@ -151,19 +151,29 @@ def test_watermark_without_perth_fails_at_load_with_a_hint(oracle_ckpt, monkeypa
 
 
 def test_speculative_decoding_gives_the_same_tokens_and_waveform(tts, oracle_ckpt):
-    """speculative="int8" (opt-in): an int8 draft proposes, fp32 T3 decides; the tokens, the generator state and so
-    the waveform are the default engine's, bit for bit (tests/generation/test_speculative.py for the why)."""
-    spec = OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, speculative="int8")
-    for e in (tts, spec):
+    """speculative="auto" (the default: "int8" here): an int8 draft proposes, fp32 T3 decides; the tokens, the
+    generator state and so the waveform are the plain loop's (speculative=None), bit for bit
+    (tests/generation/test_speculative.py for the why)."""
+    from chatterbox_fast import kernels
+
+    if not (kernels.available() and kernels.isa() in ("avx512", "avx2")):
+        pytest.skip("the fused CPU step needs the AVX-512 / AVX2 kernels")
+    assert tts._speculative is not None  # auto chose it
+    plain = OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, speculative=None)
+    assert plain._speculative is None
+    for e in (tts, plain):
         e.set_voice(oracle_ckpt / "conds.pt")
     p = dict(max_new_tokens=14, seed=4)
-    assert torch.equal(spec.generate("Same words, fewer passes.", **p), tts.generate("Same words, fewer passes.", **p))
-    assert not spec.t3.caches_allocated and not spec._speculative.draft.caches_allocated  # both freed after T3
+    assert torch.equal(tts.generate("Same words, fewer passes.", **p), plain.generate("Same words, fewer passes.", **p))
+    assert tts._speculative.last_stats["tokens"] > 0
+    assert not tts.t3.caches_allocated and not tts._speculative.draft.caches_allocated  # both freed after T3
 
 
-def test_speculative_needs_exact_fp32_t3(oracle_ckpt):
+def test_speculative_needs_exact_fp32_t3_unless_auto(oracle_ckpt):
     with pytest.raises(ValueError, match="speculative"):
         OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, speculative="int4")
     with pytest.raises(ValueError, match="exact fp32"):
         OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, speculative="int8",
                                           quantize="int8")
+    q = OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, quantize="int8")
+    assert q._speculative is None  # auto: off where it does not apply, silently
