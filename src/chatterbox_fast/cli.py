@@ -62,7 +62,8 @@ def _speak(args) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     kw = dict(device=args.device, enable_compilation=args.compile, use_mixed_precision=args.bf16,
               enable_watermark=not args.no_watermark, quantize=args.quantize, cuda_graphs=not args.no_cuda_graphs,
-              s3gen_quantize=args.s3gen_quantize, kv_cache=args.kv_cache, speculative=None if args.speculative == "off" else args.speculative)
+              s3gen_quantize=args.s3gen_quantize, kv_cache=args.kv_cache,
+              speculative=None if args.speculative == "off" else args.speculative)
     t0 = time.perf_counter()
     if args.ckpt_dir is not None:
         model = OptimizedChatterboxTTS.from_local(args.ckpt_dir, **kw)

@@ -196,7 +196,8 @@ class OptimizedChatterboxTTS:
                         enable_watermark: bool = True, repo_id: str = REPO_ID, revision: str | None = None,
                         cache_dir: str | None = None, quantize: str | None = None,
                         cuda_graphs: bool = True, s3gen_quantize: str | None = None,
-                        kv_cache: str | None = None, speculative: str | None = SPECULATIVE_AUTO) -> "OptimizedChatterboxTTS":
+                        kv_cache: str | None = None,
+                        speculative: str | None = SPECULATIVE_AUTO) -> "OptimizedChatterboxTTS":
         """Download (or reuse the Hugging Face cache of) ResembleAI/chatterbox and load it."""
         ckpt = download_checkpoint(repo_id, revision, cache_dir)
         return cls.from_local(ckpt, device=device, enable_compilation=enable_compilation,
