@@ -395,7 +395,17 @@ class OptimizedChatterboxTTS:
             self._release_kv_cache()
         if progress is not None:
             progress.close()
+        if verbose and self._speculative is not None:
+            st = self._speculative.last_stats
+            logger.info("speculative decoding: %d tokens in %d rounds; %d of %d drafted tokens agreed; k per round %s",
+                        st["tokens"], st["rounds"], st["accepted"], st["drafted"], st["k_rounds"])
         return clean_speech_tokens(raw)
+
+    @property
+    def speculative_stats(self) -> dict | None:
+        """The last generation's speculative decoding counts (tokens, rounds, drafted, accepted, k_rounds: rounds
+        per k), or None when speculative decoding is off. How often the draft agrees decides its speed-up."""
+        return None if self._speculative is None else dict(self._speculative.last_stats)
 
     def _release_kv_cache(self) -> None:
         """CPU: free T3's KV cache while S3Gen runs and between requests (peak RSS: the cache and the vocoder's

@@ -165,7 +165,8 @@ def test_speculative_decoding_gives_the_same_tokens_and_waveform(tts, oracle_ckp
         e.set_voice(oracle_ckpt / "conds.pt")
     p = dict(max_new_tokens=14, seed=4)
     assert torch.equal(tts.generate("Same words, fewer passes.", **p), plain.generate("Same words, fewer passes.", **p))
-    assert tts._speculative.last_stats["tokens"] > 0
+    st = tts.speculative_stats
+    assert st["tokens"] > 0 and st["rounds"] == sum(st["k_rounds"].values()) and plain.speculative_stats is None
     assert not tts.t3.caches_allocated and not tts._speculative.draft.caches_allocated  # both freed after T3
 
 
