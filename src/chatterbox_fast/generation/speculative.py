@@ -298,8 +298,8 @@ class SpeculativeDecoder:
                         break  # the draft's later proposals followed another token: discard them
                     hits += 1
             accepted += hits
-            if kr > 1:  # the draft fed tok and its proposals; those up to the last emitted token are right
-                draft_filled = int(state.input_pos)
+            if kr > 1:  # the draft fed tok and kr - 2 proposals at pos ...: right up to the first disagreeing one
+                draft_filled = min(int(state.input_pos), pos + min(hits, kr - 2) + 1)  # (not the last proposal)
             if lengths is not None:
                 lengths.update(kr, trials, hits, t1 - t0 if kr > 1 else None, t2 - t1)
         noise.finish(n)
