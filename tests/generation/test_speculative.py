@@ -202,6 +202,23 @@ class TestDraftLength:
                 d.update(1, trials=0, hits=0, draft_s=None, check_s=0.1)
         assert gaps[:3] == [4, 8, 16] and set(gaps[3:]) <= {16}
 
+    def test_probes_keep_coming_when_only_the_costs_said_no(self):
+        d = DraftLength(6, probe_every=4, max_probe_every=64)
+        for _ in range(30):  # the draft agrees, but drafting costs as much as a step: k = 1
+            d.update(2, trials=1, hits=1, draft_s=0.1, check_s=0.2)
+            d.update(1, trials=0, hits=0, draft_s=None, check_s=0.1)
+        gaps, plain = [], 0
+        for _ in range(40):
+            k = d.choose(100)
+            if k == 2:
+                gaps.append(plain)
+                plain = 0
+                d.update(2, trials=1, hits=1, draft_s=0.1, check_s=0.2)
+            else:
+                plain += 1
+                d.update(1, trials=0, hits=0, draft_s=None, check_s=0.1)
+        assert len(gaps) >= 6 and set(gaps[1:]) == {4}  # the machine may get cheaper for the draft: keep looking
+
     def test_a_probe_that_finds_agreement_resumes_drafting(self):
         d = DraftLength(6, probe_every=4)
         d.update(2, trials=10, hits=0, draft_s=0.04, check_s=0.1)

@@ -88,8 +88,8 @@ class DraftLength:
     (k - 1) draft steps plus one k-token check: the draft step's time is a running mean of the measured ones, the
     check's a line fitted through the running means of the measured k (with `verify_slope` one-token checks per
     extra token until two k have been measured; `draft_cost` one-token checks per draft step until one was). After
-    `probe_every` rounds of k = 1 in a row, one round with k = 2 measures the draft again; while such probes do not
-    change the choice, the interval doubles (up to `max_probe_every`).
+    `probe_every` rounds of k = 1 in a row, one round with k = 2 measures the draft and the costs again; while such
+    probes find the draft agreeing less than half the time, the interval doubles (up to `max_probe_every`).
     """
 
     def __init__(self, k_max: int, prior: float = 0.8, prior_weight: float = 4.0, decay: float = 0.95,
@@ -132,10 +132,10 @@ class DraftLength:
             self.probing = True
             return 2
         k = self._best(k_top)
-        if self.probing:  # the first choice after a probe
-            self.probing = False
-            self.probe_every = (min(2 * self.probe_every, self.max_probe_every) if k == 1
-                                else self.min_probe_every)
+        if self.probing:  # the first choice after a probe: back off only while the draft agrees badly (if it
+            self.probing = False  # agrees and only the measured costs said k = 1, those may change: keep probing)
+            poor = k == 1 and self.agreement() < 0.5
+            self.probe_every = min(2 * self.probe_every, self.max_probe_every) if poor else self.min_probe_every
         return k
 
     def _best(self, k_top: int) -> int:
