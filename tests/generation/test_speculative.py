@@ -159,6 +159,23 @@ def test_the_draft_cache_holds_every_emitted_position():
             assert err.max() < 0.1, (seed, err.max())
 
 
+def _probe_gaps(d: DraftLength, rounds: int, hits: int, draft_s: float, check_s: float) -> list[int]:
+    """Run `rounds` rounds in which every probe (k = 2) checks one proposal with `hits` agreeing and plain rounds
+    cost 0.1 s; return the numbers of plain rounds between probes."""
+    gaps, plain = [], 0
+    for _ in range(rounds):
+        k = d.choose(100)
+        assert k in (1, 2)
+        if k == 2:
+            gaps.append(plain)
+            plain = 0
+            d.update(2, trials=1, hits=hits, draft_s=draft_s, check_s=check_s)
+        else:
+            plain += 1
+            d.update(1, trials=0, hits=0, draft_s=None, check_s=0.1)
+    return gaps
+
+
 class TestDraftLength:
     def test_prior_only_picks_a_short_round(self):
         # agreement 0.8 and the default costs (draft 0.45, check 1 + 0.2 (k - 1)): k = 2 is the best rate
@@ -189,17 +206,7 @@ class TestDraftLength:
     def test_probes_back_off_while_the_draft_stays_poor(self):
         d = DraftLength(6, probe_every=4, max_probe_every=16)
         d.update(2, trials=30, hits=0, draft_s=0.04, check_s=0.1)
-        gaps, plain = [], 0
-        for _ in range(80):
-            k = d.choose(100)
-            if k == 2:
-                gaps.append(plain)
-                plain = 0
-                d.update(2, trials=1, hits=0, draft_s=0.04, check_s=0.11)
-            else:
-                assert k == 1
-                plain += 1
-                d.update(1, trials=0, hits=0, draft_s=None, check_s=0.1)
+        gaps = _probe_gaps(d, 80, hits=0, draft_s=0.04, check_s=0.11)
         assert gaps[:3] == [4, 8, 16] and set(gaps[3:]) <= {16}
 
     def test_probes_keep_coming_when_only_the_costs_said_no(self):
@@ -207,16 +214,7 @@ class TestDraftLength:
         for _ in range(30):  # the draft agrees, but drafting costs as much as a step: k = 1
             d.update(2, trials=1, hits=1, draft_s=0.1, check_s=0.2)
             d.update(1, trials=0, hits=0, draft_s=None, check_s=0.1)
-        gaps, plain = [], 0
-        for _ in range(40):
-            k = d.choose(100)
-            if k == 2:
-                gaps.append(plain)
-                plain = 0
-                d.update(2, trials=1, hits=1, draft_s=0.1, check_s=0.2)
-            else:
-                plain += 1
-                d.update(1, trials=0, hits=0, draft_s=None, check_s=0.1)
+        gaps = _probe_gaps(d, 40, hits=1, draft_s=0.1, check_s=0.2)
         assert len(gaps) >= 6 and set(gaps[1:]) == {4}  # the machine may get cheaper for the draft: keep looking
 
     def test_a_probe_that_finds_agreement_resumes_drafting(self):
