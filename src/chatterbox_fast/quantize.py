@@ -116,8 +116,9 @@ def quantize_weight_int8(w: Tensor, bf16_scales: bool = True) -> tuple[Tensor, T
     N, K = wf.shape
     scale = torch.empty(N, dtype=torch.float32, device=wf.device)
     q = torch.empty(N, K, dtype=torch.int8, device=wf.device)
-    rows = _QUANT_ROWS if wf.device.type == "cpu" else N  # CPU: blocks whose temporaries stay in cache (~5x
-    tmp = torch.empty(min(rows, N), K, dtype=torch.float32, device=wf.device)  # faster); a GPU takes it whole
+    # CPU: blocks of rows whose temporaries stay in cache (~5x faster); a GPU takes the weight whole
+    rows = _QUANT_ROWS if wf.device.type == "cpu" else max(N, 1)
+    tmp = torch.empty(min(rows, N), K, dtype=torch.float32, device=wf.device)
     for r in range(0, N, rows):
         wr, t = wf[r:r + rows], tmp[:min(rows, N - r)]
         s = torch.abs(wr, out=t).amax(dim=1) / 127.0  # (rows,)
