@@ -126,10 +126,21 @@ def test_t3_decode_with_and_without_our_attention(ops, monkeypatch, kv_dtype):
     assert torch.equal(ours, aten)
 
 
+def int16_activation_reference(x, w, s):
+    """int8_linear_packed's AVX-512 math in fp64: each row of x rounded to int16 with the scale max|x| / 32767, exact
+    integer products with the int8 weight, times both scales."""
+    m = x.abs().amax(1, keepdim=True)
+    sx = torch.where(m > 0, m / 32767, torch.ones_like(m))
+    q = (x * (1 / sx)).round().clamp(-32767, 32767)
+    return (q.double() @ w.double().t()) * sx.double() * s.double()
+
+
 @pytest.mark.parametrize("m,n,k", [(2, 8, 64), (2, 48, 1024), (3, 16, 128), (1, 8, 256), (64, 24, 192)])
 def test_int8_linear_packed_equals_row_major(ops, m, n, k):
-    """The packed layout (quantize.pack_weight) gives bit-identical results: same products, same summation order
-    (int8 and bf16 weights)."""
+    """The packed layout (quantize.pack_weight): bf16 weights give bit-identical results (same products, same
+    summation order). int8 weights: in AVX-512 builds the int16-activation scheme, equal to its fp64 model to fp32
+    rounding (~1e-7 of the largest output; the fp32-math kernel differs from that model by 1.5-5e-5, so this fails
+    if the scheme changes) and within 1e-4 of the fp32 math; elsewhere bit-identical to the row-major kernel."""
     from chatterbox_fast.quantize import pack_weight, unpack_weight
 
     g = torch.Generator().manual_seed(m * n + k)
@@ -138,11 +149,40 @@ def test_int8_linear_packed_equals_row_major(ops, m, n, k):
     s = torch.rand(n, generator=g)
     p = pack_weight(w)
     assert p.shape == (n // 8, k // 64, 8, 64) and torch.equal(unpack_weight(p), w)
-    assert torch.equal(ops.int8_linear_packed(x, p, s), ops.int8_linear(x, w, s))
+    got, fp32 = ops.int8_linear_packed(x, p, s), ops.int8_linear(x, w, s)
+    if kernels.int8_packed_int16_activations():
+        ref = int16_activation_reference(x, w, s)
+        top = ref.abs().max().item()
+        assert (got.double() - ref).abs().max().item() <= 1e-6 * top
+        assert (fp32.double() - ref).abs().max().item() > 1e-6 * top  # the two schemes are told apart
+        assert (got - fp32).abs().max().item() <= 1e-4 * top
+    else:
+        assert torch.equal(got, fp32)
     wb = torch.randn(n, k, generator=g).bfloat16()
     pb = pack_weight(wb)
     assert pb.shape == (n // 8, k // 32, 8, 32) and torch.equal(unpack_weight(pb), wb)
     assert torch.equal(ops.bf16_linear_packed(x, pb), ops.bf16_linear(x, wb))
+
+
+def test_int8_linear_packed_edge_rows(ops):
+    """All-zero rows give zeros, a row with a NaN or an infinity gives NaN (and leaves the other rows alone), and K
+    above 8192 (where int16 sums could overflow int32) takes the fp32-math kernel: bit-identical to int8_linear."""
+    from chatterbox_fast.quantize import pack_weight
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randint(-127, 128, (16, 128), generator=g, dtype=torch.int8)
+    s = torch.rand(16, generator=g)
+    x = torch.randn(3, 128, generator=g)
+    x[1] = 0.0
+    x[2, 7] = float("inf")
+    y = ops.int8_linear_packed(x, pack_weight(w), s)
+    assert torch.isfinite(y[0]).all() and torch.equal(y[1], torch.zeros(16))
+    assert not torch.isfinite(y[2]).any()
+    x[2, 7] = float("nan")
+    assert ops.int8_linear_packed(x, pack_weight(w), s)[2].isnan().all()
+    big = torch.randint(-127, 128, (8, 8256), generator=g, dtype=torch.int8)
+    xb = torch.randn(2, 8256, generator=g)
+    assert torch.equal(ops.int8_linear_packed(xb, pack_weight(big), s[:8]), ops.int8_linear(xb, big, s[:8]))
 
 
 def test_int8_linear_packed_bad_inputs(ops):

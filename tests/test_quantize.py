@@ -165,7 +165,8 @@ def test_int8_linear_rejects_bias():
 @pytest.mark.parametrize("rows", [1, 2, 3, 65])
 def test_packed_int8_linear_matches_row_major(rows):
     """Int8Linear.pack_ (the fused CPU step's layout): the same outputs on every path: our kernel for decode-sized
-    inputs (bit-identical), the unpacked fallbacks for prefill-sized ones; dequantized_weight unchanged."""
+    inputs (bit-identical, or within 1e-4 of the largest output where the packed kernel rounds x to int16:
+    AVX-512 builds), the unpacked fallbacks for prefill-sized ones (bit-identical); dequantized_weight unchanged."""
     torch.manual_seed(rows)
     lin = Int8Linear.from_linear(nn.Linear(128, 24, bias=False))
     packed = Int8Linear.from_linear(nn.Linear(128, 24, bias=False))
@@ -174,7 +175,11 @@ def test_packed_int8_linear_matches_row_major(rows):
     assert packed.weight_int8.shape == (3, 2, 8, 64) and "packed" in repr(packed)
     assert torch.equal(packed.dequantized_weight(), lin.dequantized_weight())
     x = torch.randn(rows, 128)
-    assert torch.equal(packed(x), lin(x))
+    if rows <= qmod.CPU_KERNEL_MAX_ROWS and cpu_kernels.int8_packed_int16_activations():
+        want = lin(x)
+        assert 0 < (packed(x) - want).abs().max() <= 1e-4 * want.abs().max()
+    else:
+        assert torch.equal(packed(x), lin(x))
     odd = Int8Linear.from_linear(nn.Linear(100, 24, bias=False))  # K % 64 != 0: left row-major
     assert not odd.pack_() and not odd.packed
     b = Bf16Linear.from_linear(nn.Linear(96, 16, bias=False))  # bf16: lines of 32 columns

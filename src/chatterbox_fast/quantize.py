@@ -35,7 +35,11 @@ Kernels (`Int8Linear.forward`):
 The CPU engine's decode step calls the same kernel from inside `chatterbox_fast::decode_layers` (all layers in
 one call, generation/fused.py), so the forward above runs there for prefill and the module path only. For that step
 the engine also packs the int8 / bf16 weights (`pack_t3`: each block of 8 rows stored line by line, one sequential
-stream for the kernel; 1.06-1.10x, bit-identical); the module path then unpacks a temporary copy for prefill.
+stream for the kernel); the module path then unpacks a temporary copy for prefill. On packed int8 weights the
+AVX-512 kernel rounds each activation row to int16 (per-row scale; 2^-16 of the row's largest value) and multiplies
+in integers with 4 weight streams in flight per thread: ~1.4x faster than the fp32-math kernel on T3's shapes, the
+output within ~3e-5 of it relative to the largest value (below the int8 weights' own rounding by ~100x; the drift
+against fp32 T3 is measured in BENCHMARKS.md). bf16 packing is bit-identical.
 fbgemm's dynamic int8 (`torch.ao.nn.quantized.dynamic.Linear`) is ~1.2x faster eager on the CPU measured (AVX-512
 VNNI, no native bf16; BENCHMARKS.md) but is not used: it quantises the activations too (per tensor, 7 bits: 2.2x
 the output error of one layer), torch has deprecated its quantised-tensor API, and its torchbind packed weights
@@ -141,8 +145,8 @@ def _pack_cols(w: Tensor) -> int:
 def pack_weight(w: Tensor) -> Tensor:
     """(N, K) int8 or bf16 -> (N / 8, K / c, 8, c), c = one 64-byte line (64 int8, 32 bf16): each block of 8 rows
     stored line by line, one line of each row in turn, so that the decode kernel reads a block as one sequential
-    stream (kernels/cpu_linear.cpp, `int8_linear_packed` / `bf16_linear_packed`: 1.06-1.10x the row-major layout on
-    T3's int8 shapes; bit-identical results). Needs N % 8 == K % c == 0."""
+    stream (kernels/cpu_linear.cpp, `int8_linear_packed` / `bf16_linear_packed`; bf16 results bit-identical to the
+    row-major layout's, int8 ones with int16-rounded activations in AVX-512 builds). Needs N % 8 == K % c == 0."""
     if w.dim() != 2 or w.dtype not in (torch.int8, torch.bfloat16):
         raise ValueError(f"pack_weight needs an int8 or bfloat16 (N, K) weight, got {tuple(w.shape)} {w.dtype}")
     N, K = w.shape

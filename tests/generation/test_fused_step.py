@@ -45,8 +45,11 @@ def test_fused_step_matches_module_path(fmt, kv_dtype):
             prefill(m, x)
         step = FusedDecodeStep(b)
         sa, sb = new_state(a, S, 2, "cpu"), new_state(b, S, 2, "cpu")
-        # a bf16 / int8 cache value rounded the other way (one bf16 ulp, one int8 level) moves the logits more
-        tol = 1e-5 if kv_dtype is None else 2e-4
+        # a bf16 / int8 cache value rounded the other way (one bf16 ulp, one int8 level) moves the logits more; so
+        # does an activation on the other side of an int16 rounding boundary (packed int8 weights, AVX-512 builds:
+        # one level is 2^-15 of the row's largest value)
+        int16 = fmt == "int8-packed" and kernels.int8_packed_int16_activations()
+        tol = (1e-5 if kv_dtype is None else 2e-4) * (10 if int16 else 1)
         for i in range(n):
             tok = torch.tensor([(i * 977) % 6561])
             want = step_logits(a, tok, sa, kv_bucket(S + i + 1, a.max_seq))
@@ -64,14 +67,15 @@ def test_fused_step_matches_module_path(fmt, kv_dtype):
             assert (cb[:, :, :S + n].int() - ca[:, :, :S + n].int()).abs().max() <= 1
         else:
             rtol = 2 ** -7 if kv_dtype is not None else 1e-5  # one bf16 ulp: 2^-8 to 2^-7 relative
-            torch.testing.assert_close(cb[:, :, :S + n].float(), ca[:, :, :S + n].float(), rtol=rtol, atol=1e-5)
+            atol = 1e-4 if int16 else 1e-5
+            torch.testing.assert_close(cb[:, :, :S + n].float(), ca[:, :, :S + n].float(), rtol=rtol, atol=atol)
         assert not cb[:, :, S + n:].any()  # and nothing past them
     if kv_dtype == torch.int8:
         for la, lb in zip(a.tfmr.layers, b.tfmr.layers):
             for sa_, sb_ in ((la.self_attn.kv_cache.k_scale, lb.self_attn.kv_cache.k_scale),
                              (la.self_attn.kv_cache.v_scale, lb.self_attn.kv_cache.v_scale)):
                 assert bool((sb_[:, :, S:S + n] > 0).all()) and not sb_[:, :, S + n:].any()
-                torch.testing.assert_close(sb_, sa_, rtol=1e-5, atol=0)
+                torch.testing.assert_close(sb_, sa_, rtol=1e-4 if int16 else 1e-5, atol=0)
 
 
 @pytest.mark.parametrize("fmt,cfg_weight,kv_dtype", [(None, 0.5, None), ("int8-packed", 0.5, torch.bfloat16),
