@@ -4,6 +4,8 @@ Machine ceilings are measured with torch itself so that a benchmark can report h
 - `measure_read_bandwidth`: memory read bandwidth, from the best time of `x.sum()` over a large fp32 tensor (the
   sum reads every byte once and writes one scalar, so bytes / time is the read bandwidth). It runs on torch's
   current intra-op thread count, the same threads the model uses. Best of several runs: the least disturbed one.
+  With `streams` > 1 (CPU, our kernels): each thread reads its share as that many interleaved streams, as our decode
+  kernels do; faster than one stream on the 2-core VM, so the stricter floor.
 - `measure_gemm_gflops`: dense matmul throughput, 2*m*n*k flops / best time.
 - `timeit`: min and median wall time of a callable after warm-up, with a device sync around each call on CUDA.
 """
@@ -75,13 +77,27 @@ class StageTimer:
         return timed
 
 
-def measure_read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5, device: str = "cpu") -> float:
-    """Read bandwidth in GB/s (1e9 bytes/s): size_bytes / best time of summing an fp32 tensor of that size."""
+def measure_read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5, device: str = "cpu",
+                           streams: int = 1) -> float:
+    """Read bandwidth in GB/s (1e9 bytes/s): size_bytes / best time of summing an fp32 tensor of that size.
+
+    streams=1: `x.sum()` (ATen: one sequential stream per thread). streams > 1 (CPU, our kernels loaded):
+    `chatterbox_fast::read_probe`, each thread reading its share as that many interleaved streams, which is how the
+    decode kernels read their weights; on the 2-core VM 4 streams read ~1.4x faster than one (BENCHMARKS.md)."""
     numel = size_bytes // 4
-    if numel < 1 or repeats < 1:
-        raise ValueError(f"need size_bytes >= 4 and repeats >= 1, got {size_bytes}, {repeats}")
+    if numel < 1 or repeats < 1 or streams < 1:
+        raise ValueError(f"need size_bytes >= 4, repeats >= 1 and streams >= 1, got {size_bytes}, {repeats}, "
+                         f"{streams}")
     x = torch.ones(numel, dtype=torch.float32, device=device)
-    t = timeit(lambda: x.sum(), warmup=1, iters=repeats, sync=_cuda_sync_default(device))
+    if streams == 1:
+        fn = x.sum
+    else:
+        from chatterbox_fast import kernels
+
+        if device != "cpu" or not kernels.load():
+            raise RuntimeError("streams > 1 needs the CPU kernels (chatterbox_fast::read_probe)")
+        fn = lambda: torch.ops.chatterbox_fast.read_probe(x, streams)  # noqa: E731
+    t = timeit(fn, warmup=1, iters=repeats, sync=_cuda_sync_default(device))
     return numel * 4 / (t["min_ms"] * 1e-3) / 1e9
 
 

@@ -185,6 +185,19 @@ def test_int8_linear_packed_edge_rows(ops):
     assert torch.equal(ops.int8_linear_packed(xb, pack_weight(big), s[:8]), ops.int8_linear(xb, big, s[:8]))
 
 
+@pytest.mark.parametrize("n,streams", [(1, 1), (100, 3), (4096, 4), (100003, 8), (64 * 1024 + 17, 16)])
+def test_read_probe_sums_every_element_once(ops, n, streams):
+    """The bandwidth probe's streams and tails cover x exactly once (distinct values: a skipped or doubled element
+    changes the sum)."""
+    x = torch.arange(n, dtype=torch.float32)
+    got = ops.read_probe(x, streams)
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(n * (n - 1) / 2, rel=1e-6)
+    with pytest.raises(RuntimeError, match="streams"):
+        ops.read_probe(x, 0)
+    with pytest.raises(RuntimeError, match="1-D float32"):
+        ops.read_probe(x.view(1, -1), 2)
+
+
 def test_int8_linear_packed_bad_inputs(ops):
     from chatterbox_fast.quantize import pack_weight
 

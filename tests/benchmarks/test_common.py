@@ -25,6 +25,18 @@ def test_read_bandwidth_small():
     assert _ok(common.measure_read_bandwidth(size_bytes=8 << 20, repeats=2))
 
 
+def test_read_bandwidth_streams():
+    from chatterbox_fast import kernels
+
+    if not kernels.load():
+        with pytest.raises(RuntimeError, match="CPU kernels"):
+            common.measure_read_bandwidth(size_bytes=8 << 20, repeats=1, streams=4)
+    else:
+        assert _ok(common.measure_read_bandwidth(size_bytes=8 << 20, repeats=2, streams=4))
+    with pytest.raises(ValueError):
+        common.measure_read_bandwidth(size_bytes=8 << 20, streams=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemm_gflops_small(dtype):
     assert _ok(common.measure_gemm_gflops(64, 48, 32, dtype=dtype, repeats=2))

@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -2002,6 +2003,41 @@ const char* isa() {
 #endif
 }
 
+// ---- read-bandwidth probe (benchmarks): the sum of x, each thread reading its share as `streams` interleaved
+// sequential streams (one 64-byte line of each in turn). On the 2-core VM one stream per thread reads at ~20-22 GB/s
+// (as ATen's sum), 4-8 at ~28-31 GB/s: the bandwidth the decode kernels can reach, hence their floor.
+at::Tensor read_probe(const at::Tensor& x, int64_t streams) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 1,
+              "read_probe: x must be a contiguous 1-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(streams >= 1 && streams <= 16, "read_probe: streams must be in [1, 16], got ", streams);
+  const float* p = x.data_ptr<float>();
+  const int64_t n = x.numel(), nt = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<double> part(static_cast<size_t>(nt), 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t beg = n * t / nt, end = n * (t + 1) / nt;
+      const int64_t seg = (end - beg) / streams / 16 * 16;  // floats per stream, whole lines
+      double sum = 0.0;
+      int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+      Isa::V acc[4] = {Isa::zero(), Isa::zero(), Isa::zero(), Isa::zero()};
+      for (; i < seg; i += 16)
+        for (int64_t s = 0; s < streams; ++s)
+          for (int64_t j = 0; j < 16; j += Isa::L)
+            acc[s & 3] = Isa::add(acc[s & 3], Isa::load(p + beg + s * seg + i + j));
+      for (auto& a : acc) sum += Isa::reduce_add(a);
+#endif
+      for (int64_t s = 0; s < streams; ++s)
+        for (int64_t k = beg + s * seg + i; k < beg + (s + 1) * seg; ++k) sum += p[k];
+      for (int64_t k = beg + streams * seg; k < end; ++k) sum += p[k];
+      part[static_cast<size_t>(t)] = sum;
+    }
+  });
+  double total = 0.0;
+  for (double v : part) total += v;
+  return at::scalar_tensor(total, x.options().dtype(at::kDouble));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chatterbox_fast, m) {
@@ -2017,12 +2053,14 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("dequant_rows_acc_(Tensor(a!) y, Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> ()");
   m.def("layer_norm_fused(Tensor(a!) x, Tensor? add, Tensor weight, Tensor bias, float eps, bool mish) -> Tensor");
   m.def("bias_gelu_(Tensor(a!) y, Tensor bias) -> ()");
+  m.def("read_probe(Tensor x, int streams) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] norms, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, Tensor(c!)[] kv_scales, Tensor rope, Tensor input_pos, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("int8_linear", &int8_linear);
+  m.impl("read_probe", &read_probe);
   m.impl("int8_linear_packed", &int8_linear_packed);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("bf16_linear_packed", &bf16_linear_packed);
