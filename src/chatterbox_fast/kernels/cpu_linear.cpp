@@ -486,23 +486,92 @@ inline void dot_block_packed(const float* x0, const float* x1, const typename W:
 #endif
 }
 
+#if defined(__AVX512F__)
+// Several blocks in flight (AVX-512 builds): one weight stream per thread reads at ~20-22 GB/s on the 2-core VM,
+// 4+ interleaved streams at ~28-31 GB/s (a plain read, measured). dot_block_packed's work for NS blocks at once, one
+// line of each block's rows in turn, the accumulators of the blocks not in hand parked in an L1 buffer: every
+// accumulator sees the same FMAs in the same order as in dot_block_packed (parking is a store and a reload), so
+// the results are bit-identical. bf16 weights, all T3 shapes at batch 2: 36-38 ms against 45-47 ms (standalone).
+constexpr int kPackedStreams = 4;
+constexpr int64_t kStreamsPrefetch = 2048;  // bytes ahead within each block's stream
+
+template <class W, int NS>
+inline void dot_blocks_packed(const float* x0, const float* x1, const typename W::T* const* wb, int64_t K,
+                              Isa::V (*park)[2 * NB]) {
+  using T = typename W::T;
+  using V = Isa::V;
+  constexpr int64_t LINE = 64 / sizeof(T), L = Isa::L;
+  for (int s = 0; s < NS; ++s)
+    for (int64_t j = 0; j < 2 * NB; ++j) park[s][j] = Isa::zero();
+  for (int64_t k = 0; k < K; k += LINE) {
+    for (int s = 0; s < NS; ++s) {
+      const T* c = wb[s] + k * NB;
+      for (int64_t j = 0; j < NB; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(c + j * LINE) + kStreamsPrefetch, _MM_HINT_T0);
+      V a0[NB], a1[NB];
+      for (int64_t j = 0; j < NB; ++j) {
+        a0[j] = park[s][j];
+        a1[j] = park[s][NB + j];
+      }
+      for (int64_t kk = 0; kk < LINE; kk += L) {
+        const V v0 = Isa::load(x0 + k + kk), v1 = Isa::load(x1 + k + kk);
+        for (int64_t j = 0; j < NB; ++j) {
+          const V wv = W::load(c + j * LINE + kk);
+          a0[j] = Isa::fma(v0, wv, a0[j]);
+          a1[j] = Isa::fma(v1, wv, a1[j]);
+        }
+      }
+      for (int64_t j = 0; j < NB; ++j) {
+        park[s][j] = a0[j];
+        park[s][NB + j] = a1[j];
+      }
+    }
+  }
+}
+#endif
+
 // y (M, N) = x (M, K) @ unpack(w)^T * scale, w packed as above (N % NB == 0, K % LINE == 0)
 template <class W>
 void linear_kernel_packed(const float* x, const typename W::T* w, const float* scale, float* y, int64_t M, int64_t N,
                           int64_t K) {
   at::parallel_for(0, N / NB, 4, [&](int64_t b0, int64_t b1) {
     float s0[NB], s1[NB];
-    for (int64_t b = b0; b < b1; ++b) {
+    auto emit = [&](int64_t b, int64_t m, bool pair) {
+      for (int64_t j = 0; j < NB; ++j) {
+        const int64_t n = b * NB + j;
+        const float sc = scale ? scale[n] : 1.f;
+        y[m * N + n] = s0[j] * sc;
+        if (pair) y[(m + 1) * N + n] = s1[j] * sc;
+      }
+    };
+    int64_t first = b0;  // blocks before it are done
+#if defined(__AVX512F__)
+    const int64_t h = (b1 - b0) / kPackedStreams;  // kPackedStreams runs of h blocks, one block of each at a time
+    alignas(64) Isa::V park[kPackedStreams][2 * NB];
+    const typename W::T* wb[kPackedStreams];
+    for (int64_t i = 0; i < h; ++i) {
+      for (int s = 0; s < kPackedStreams; ++s) wb[s] = w + (b0 + s * h + i) * NB * K;
+      for (int64_t m = 0; m < M; m += 2) {
+        const bool pair = m + 1 < M;  // odd M: the last row is computed twice, stored once
+        const float* x0 = x + m * K;
+        dot_blocks_packed<W, kPackedStreams>(x0, pair ? x0 + K : x0, wb, K, park);
+        for (int s = 0; s < kPackedStreams; ++s) {
+          for (int64_t j = 0; j < NB; ++j) {
+            s0[j] = Isa::reduce_add(park[s][j]);
+            s1[j] = Isa::reduce_add(park[s][NB + j]);
+          }
+          emit(b0 + s * h + i, m, pair);
+        }
+      }
+    }
+    first = b0 + kPackedStreams * h;
+#endif
+    for (int64_t b = first; b < b1; ++b) {
       for (int64_t m = 0; m < M; m += 2) {
         const bool pair = m + 1 < M;
         const float* x0 = x + m * K;
         dot_block_packed<W>(x0, pair ? x0 + K : x0, w + b * NB * K, K, s0, s1);
-        for (int64_t j = 0; j < NB; ++j) {
-          const int64_t n = b * NB + j;
-          const float sc = scale ? scale[n] : 1.f;
-          y[m * N + n] = s0[j] * sc;
-          if (pair) y[(m + 1) * N + n] = s1[j] * sc;
-        }
+        emit(b, m, pair);
       }
     }
   });
