@@ -447,29 +447,34 @@ void linear_kernel(const float* x, const typename W::T* w, const float* scale, f
 // (measured, 2 threads; 256 bytes ahead was slower, 4-8 KB best). Same summation order: bit-identical outputs.
 constexpr int64_t PACKED_PREFETCH = 4096;
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// One chunk of a packed block: the NB lines at c (elements k .. k + LINE of each row), prefetching `prefetch` bytes
+// ahead, accumulated into a0 (row x0) and a1 (row x1) in k order
+template <class W>
+inline void packed_chunk(const float* x0, const float* x1, const typename W::T* c, int64_t k, int64_t prefetch,
+                         Isa::V* a0, Isa::V* a1) {
+  constexpr int64_t LINE = 64 / sizeof(typename W::T), L = Isa::L;
+  for (int64_t j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(c + j * LINE) + prefetch, _MM_HINT_T0);
+  for (int64_t kk = 0; kk < LINE; kk += L) {
+    const Isa::V v0 = Isa::load(x0 + k + kk), v1 = Isa::load(x1 + k + kk);
+    for (int64_t j = 0; j < NB; ++j) {
+      const Isa::V wv = W::load(c + j * LINE + kk);
+      a0[j] = Isa::fma(v0, wv, a0[j]);
+      a1[j] = Isa::fma(v1, wv, a1[j]);
+    }
+  }
+}
+#endif
+
 template <class W>
 inline void dot_block_packed(const float* x0, const float* x1, const typename W::T* w, int64_t K, float* s0,
                              float* s1) {
   using T = typename W::T;
   constexpr int64_t LINE = 64 / sizeof(T);
 #if defined(__AVX512F__) || defined(__AVX2__)
-  using V = Isa::V;
-  constexpr int64_t L = Isa::L;
-  V a0[NB], a1[NB];
+  Isa::V a0[NB], a1[NB];
   for (int64_t j = 0; j < NB; ++j) a0[j] = a1[j] = Isa::zero();
-  for (int64_t k = 0; k < K; k += LINE) {
-    const T* c = w + k * NB;  // this chunk: NB lines of LINE elements
-    for (int64_t j = 0; j < NB; ++j)
-      _mm_prefetch(reinterpret_cast<const char*>(c + j * LINE) + PACKED_PREFETCH, _MM_HINT_T0);
-    for (int64_t kk = 0; kk < LINE; kk += L) {
-      const V v0 = Isa::load(x0 + k + kk), v1 = Isa::load(x1 + k + kk);
-      for (int64_t j = 0; j < NB; ++j) {
-        const V wv = W::load(c + j * LINE + kk);
-        a0[j] = Isa::fma(v0, wv, a0[j]);
-        a1[j] = Isa::fma(v1, wv, a1[j]);
-      }
-    }
-  }
+  for (int64_t k = 0; k < K; k += LINE) packed_chunk<W>(x0, x1, w + k * NB, k, PACKED_PREFETCH, a0, a1);
   for (int64_t j = 0; j < NB; ++j) {
     s0[j] = Isa::reduce_add(a0[j]);
     s1[j] = Isa::reduce_add(a1[j]);
@@ -498,29 +503,17 @@ constexpr int64_t kStreamsPrefetch = 2048;  // bytes ahead within each block's s
 template <class W, int NS>
 inline void dot_blocks_packed(const float* x0, const float* x1, const typename W::T* const* wb, int64_t K,
                               Isa::V (*park)[2 * NB]) {
-  using T = typename W::T;
-  using V = Isa::V;
-  constexpr int64_t LINE = 64 / sizeof(T), L = Isa::L;
+  constexpr int64_t LINE = 64 / sizeof(typename W::T);
   for (int s = 0; s < NS; ++s)
     for (int64_t j = 0; j < 2 * NB; ++j) park[s][j] = Isa::zero();
   for (int64_t k = 0; k < K; k += LINE) {
     for (int s = 0; s < NS; ++s) {
-      const T* c = wb[s] + k * NB;
-      for (int64_t j = 0; j < NB; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(c + j * LINE) + kStreamsPrefetch, _MM_HINT_T0);
-      V a0[NB], a1[NB];
+      Isa::V a0[NB], a1[NB];
       for (int64_t j = 0; j < NB; ++j) {
         a0[j] = park[s][j];
         a1[j] = park[s][NB + j];
       }
-      for (int64_t kk = 0; kk < LINE; kk += L) {
-        const V v0 = Isa::load(x0 + k + kk), v1 = Isa::load(x1 + k + kk);
-        for (int64_t j = 0; j < NB; ++j) {
-          const V wv = W::load(c + j * LINE + kk);
-          a0[j] = Isa::fma(v0, wv, a0[j]);
-          a1[j] = Isa::fma(v1, wv, a1[j]);
-        }
-      }
+      packed_chunk<W>(x0, x1, wb[s] + k * NB, k, kStreamsPrefetch, a0, a1);
       for (int64_t j = 0; j < NB; ++j) {
         park[s][j] = a0[j];
         park[s][NB + j] = a1[j];
