@@ -164,6 +164,42 @@ def test_int8_linear_packed_equals_row_major(ops, m, n, k):
     assert torch.equal(ops.bf16_linear_packed(x, pb), ops.bf16_linear(x, wb))
 
 
+def test_int8_linear_packed_without_vnni_is_bit_identical(ops, tmp_path):
+    """The int16 path's vpmaddwd + vpaddd form (AVX-512 CPUs without VNNI), forced in a subprocess by
+    CHATTERBOX_FAST_CPU_VNNI=0, gives the same exact integer sums as vpdpwssd: bit-identical outputs."""
+    if not kernels.int8_packed_int16_activations():
+        pytest.skip("the int16-activation kernel is built for AVX-512 only")
+    import ctypes
+
+    if ctypes.CDLL(kernels._build(kernels.isa()).as_posix()).cbf_int8_linear_path() != 2:
+        pytest.skip("this CPU has no AVX512-VNNI: both forms would be vpmaddwd")
+    code = """
+        import ctypes, sys, torch
+        from chatterbox_fast import kernels
+        from chatterbox_fast.quantize import pack_weight
+        assert kernels.load(), kernels.error()
+        lib = ctypes.CDLL(kernels._build(kernels.isa()).as_posix())
+        assert lib.cbf_int8_linear_path() == 1  # vpmaddwd + vpaddd
+        g = torch.Generator().manual_seed(3)
+        out = []
+        for m, n, k in [(2, 8, 64), (3, 40, 1024), (2, 64, 4096), (5, 24, 192)]:
+            x = torch.randn(m, k, generator=g)
+            w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            s = torch.rand(n, generator=g)
+            out.append((x, w, s, torch.ops.chatterbox_fast.int8_linear_packed(x, pack_weight(w), s)))
+        torch.save(out, sys.argv[1])
+    """
+    path = tmp_path / "novnni.pt"
+    env = dict(os.environ, CHATTERBOX_FAST_CPU_VNNI="0")
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(path)], env=env, timeout=300,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    from chatterbox_fast.quantize import pack_weight
+
+    for x, w, s, y in torch.load(path):
+        assert torch.equal(ops.int8_linear_packed(x, pack_weight(w), s), y)
+
+
 def test_int8_linear_packed_edge_rows(ops):
     """All-zero rows give zeros, a row with a NaN or an infinity gives NaN (and leaves the other rows alone), and K
     above 8192 (where int16 sums could overflow int32) takes the fp32-math kernel: bit-identical to int8_linear."""

@@ -682,8 +682,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void blocks_vnni(const in
 }
 #undef CBF_I16_BLOCKS
 
+// AVX512-VNNI present and not turned off by CHATTERBOX_FAST_CPU_VNNI=0 (tests: the vpmaddwd path on a VNNI CPU)
 bool cpu_has_vnni() {
   static const bool yes = [] {
+    const char* env = std::getenv("CHATTERBOX_FAST_CPU_VNNI");
+    if (env != nullptr && env[0] == '0') return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vnni") != 0;
   }();
@@ -2140,3 +2143,11 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.
 extern "C" const char* cbf_cpu_linear_isa() { return isa(); }
 extern "C" int cbf_attention_int8_fast() { return attention_int8_fast() ? 1 : 0; }
+// Which multiply the packed int8 linear runs: 2 = vpdpwssd (VNNI), 1 = vpmaddwd + vpaddd, 0 = the fp32-math kernel
+extern "C" int cbf_int8_linear_path() {
+#if defined(CBF_HAVE_I16_LINEAR)
+  return i16::cpu_has_vnni() ? 2 : 1;
+#else
+  return 0;
+#endif
+}
