@@ -38,6 +38,8 @@ them in one graph as extern calls; fake implementations below give their output 
   the last dim of x + add (add, when given, is written into x first: a GEMM's pending bias), then Mish if `mish`;
   `bias_gelu_(y (..., N), bias (N,))`: y = gelu(y + bias) in place, exact (erf) GELU. The estimator's elementwise
   passes in one pass each (fp32; they differ from ATen by float rounding, as ATen's own kernels differ by ISA).
+- `torch.ops.chatterbox_fast.read_probe(x (n,) f32, streams) -> () f64`: the sum of x, each thread reading its share as
+  `streams` interleaved streams (benchmarks/common.py's multi-stream read-bandwidth probe).
 - `torch.ops.chatterbox_fast.decode_layers(x (B, D) or (T, B, D), weights, scales, norms, k_caches, v_caches,
   kv_scales, rope, input_pos, eps) -> x's shape`: every T3 layer of one decode step in one call (generation/fused.py),
   writing each layer's k / v into its cache slot input_pos (T tokens: slots input_pos .. + T - 1, causal attention
@@ -48,6 +50,8 @@ Environment:
 - CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).
 - CHATTERBOX_FAST_CPU_ISA=avx512|avx2|scalar forces the instruction set of the build (default: what torch reports
   for this CPU, `torch.backends.cpu.get_cpu_capability()`); used by the tests to check every build.
+- CHATTERBOX_FAST_CPU_VNNI=0 makes the AVX-512 int8 linear multiply with vpmaddwd + vpaddd instead of vpdpwssd on a
+  VNNI CPU (the same exact sums; for tests).
 - CXX: the compiler (default `c++`).
 """
 
