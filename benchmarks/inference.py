@@ -29,8 +29,9 @@ T3 prefill ms and decode ms/token (median over the --tokens - 1 steps of each of
 the engine loop's per-token callbacks; CUDA events on GPU, no extra sync), tokens/s; achieved GB/s = bytes of T3
 weights one decode step reads (every parameter/buffer of the 30 layers, final norm and speech head, at their actual
 dtypes, int8 packed weights included; KV cache excluded and reported apart) / ms per token; the read bandwidth of
-the same device (common.measure_read_bandwidth, x.sum() over 1 GiB; on CUDA also a device-to-device copy, and the
-faster of the two is used), floor = bytes / bandwidth, roofline ratio = ms per token / floor (1 = at the floor);
+the same device (common.measure_read_bandwidth, x.sum() over 1 GiB; on CUDA also a device-to-device copy, on a CPU
+with our kernels also a read of 8 streams per thread; the fastest is used), floor = bytes / bandwidth, roofline
+ratio = ms per token / floor (1 = at the floor);
 S3Gen flow and HiFT ms on the generated tokens; end to end = engine.generate (built-in voice, no watermark) wall ms
 and RTF = wall / audio seconds; peak memory (CPU: peak RSS of the mode's process, getrusage; CUDA:
 torch.cuda.max_memory_allocated, reset per mode). "stages" holds the per-stage ms of one request for plot.py.
@@ -118,12 +119,22 @@ class Marks:
         return [(t - self.points[0]) * 1e3 for t in self.points]
 
 
+def cpu_kernels_loaded() -> bool:
+    from chatterbox_fast import kernels
+
+    return kernels.load()
+
+
 def bandwidth(device: torch.device, size_mb: int) -> dict[str, float]:
-    """Read bandwidth of `device` in GB/s; on CUDA also a device-to-device copy ((read + write) bytes / time).
-    'floor_gbs' is the faster of the two: the floor it gives is the lower (the stricter) one."""
+    """Read bandwidth of `device` in GB/s; on CUDA also a device-to-device copy ((read + write) bytes / time), on a
+    CPU with our kernels also a read of 8 interleaved streams per thread (one stream per thread is slower on some
+    machines: 20-22 vs 26-32 GB/s on the 2-core VM). 'floor_gbs' is the fastest: the floor it gives is the lowest
+    (the strictest) one."""
     size = size_mb << 20
     out = {"read_gbs": common.measure_read_bandwidth(size_bytes=size, repeats=5 if device.type == "cpu" else 20,
                                                      device=str(device))}
+    if device.type == "cpu" and cpu_kernels_loaded():  # several streams per thread, as our decode kernels read
+        out["read_multi_stream_gbs"] = common.measure_read_bandwidth(size_bytes=size, repeats=5, streams=8)
     if device.type == "cuda":
         src = torch.empty(size // 4, dtype=torch.float32, device=device)
         dst = torch.empty_like(src)
