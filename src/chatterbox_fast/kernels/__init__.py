@@ -50,8 +50,9 @@ Environment:
 - CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).
 - CHATTERBOX_FAST_CPU_ISA=avx512|avx2|scalar forces the instruction set of the build (default: what torch reports
   for this CPU, `torch.backends.cpu.get_cpu_capability()`); used by the tests to check every build.
-- CHATTERBOX_FAST_CPU_VNNI=0 makes the AVX-512 int8 linear multiply with vpmaddwd + vpaddd instead of vpdpwssd on a
-  VNNI CPU (the same exact sums; for tests).
+- CHATTERBOX_FAST_CPU_VNNI=0 makes an AVX-512 build run as on a CPU without AVX512-VNNI (for tests): the int8 linear
+  multiplies with vpmaddwd + vpaddd instead of vpdpwssd (the same exact sums), int8 attention takes its portable
+  path.
 - CXX: the compiler (default `c++`).
 """
 

@@ -39,6 +39,22 @@ namespace {
 
 // ---- vector helpers shared by the kernels below: one Isa struct per build (AVX-512: 16 floats, AVX2: 8) -------
 namespace dec {
+// AVX512-VNNI on this CPU (AVX-512 builds), unless CHATTERBOX_FAST_CPU_VNNI=0: then the kernels run as on a CPU
+// without it (tests: the int8 linear's vpmaddwd form, int8 attention's portable path)
+inline bool cpu_has_vnni() {
+#if defined(__AVX512F__) && defined(__GNUC__)
+  static const bool yes = [] {
+    const char* env = std::getenv("CHATTERBOX_FAST_CPU_VNNI");
+    if (env != nullptr && env[0] == '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
 #if defined(__AVX512F__)
 inline __m512 exp2_ps(__m512 x) {  // 2^x for x <= 0; relative error ~1e-7 (degree-6 polynomial on [-0.5, 0.5])
   x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
@@ -682,20 +698,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void blocks_vnni(const in
 }
 #undef CBF_I16_BLOCKS
 
-// AVX512-VNNI present and not turned off by CHATTERBOX_FAST_CPU_VNNI=0 (tests: the vpmaddwd path on a VNNI CPU)
-bool cpu_has_vnni() {
-  static const bool yes = [] {
-    const char* env = std::getenv("CHATTERBOX_FAST_CPU_VNNI");
-    if (env != nullptr && env[0] == '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vnni") != 0;
-  }();
-  return yes;
-}
-
 template <int NS>
 inline void blocks(const int16_t* x0, const int16_t* x1, const int8_t* const* wb, int64_t K, __m512i (*acc)[2 * NB]) {
-  if (cpu_has_vnni()) {
+  if (dec::cpu_has_vnni()) {
     blocks_vnni<NS>(x0, x1, wb, K, acc);
   } else {
     blocks_bw<NS>(x0, x1, wb, K, acc);
@@ -1511,11 +1516,6 @@ void attend_head_portable(const full::Head& h, int64_t T, int64_t Dh, float qsca
 #define CBF_HAVE_VNNI_PATH 1
 constexpr int QR = 12, KW = 32, MB = 48, PQ = 6;  // Q K^T tile rows, keys per panel, rows per block, P V tile rows
 
-bool cpu_has_vnni() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni");
-}
-
 // acc += per 32-bit lane, the 4 products of a's u8 and b's s8 bytes. Inline asm rather than _mm512_dpbusd_epi32:
 // GCC 12 spills the 24 accumulators of the intrinsic's tile to the stack on every step (measured: no faster than fp32).
 __attribute__((target("avx512f,avx512vnni")))
@@ -1684,14 +1684,15 @@ void attend_head_vnni(const full::Head& h, int64_t T, float qscale) {
               h.out + (m0 + r) * h.ldo, h.ldo, std::min(PQ, rows - r));
   }
 }
-#else
-bool cpu_has_vnni() { return false; }
 #endif
 }  // namespace fq8
 
 bool attention_int8_fast() {  // the VNNI path applies (AVX-512 build on a CPU with AVX512-VNNI)
-  static const bool ok = fq8::cpu_has_vnni();
-  return ok;
+#if defined(CBF_HAVE_VNNI_PATH)
+  return dec::cpu_has_vnni();
+#else
+  return false;
+#endif
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
@@ -2146,7 +2147,7 @@ extern "C" int cbf_attention_int8_fast() { return attention_int8_fast() ? 1 : 0;
 // Which multiply the packed int8 linear runs: 2 = vpdpwssd (VNNI), 1 = vpmaddwd + vpaddd, 0 = the fp32-math kernel
 extern "C" int cbf_int8_linear_path() {
 #if defined(CBF_HAVE_I16_LINEAR)
-  return i16::cpu_has_vnni() ? 2 : 1;
+  return dec::cpu_has_vnni() ? 2 : 1;
 #else
   return 0;
 #endif
