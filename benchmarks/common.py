@@ -137,6 +137,21 @@ def rss_gb() -> float | None:
     return None
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpu_flags() -> list[str] | None:
+    """The flags of /proc/cpuinfo that decide which of our kernels run and how fast bf16 / int8 GEMMs are (our
+    machines differ: some have AMX, most not); None where /proc/cpuinfo is missing."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in CPU_FLAGS if f in have]
+
+
 def machine_info() -> dict[str, Any]:
     """What a result was measured on: CPU, core counts, torch version and threads, GPU if CUDA is available."""
     info: dict[str, Any] = {
@@ -147,6 +162,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_flags": _cpu_flags(),
         "gpu": None,
     }
     if torch.cuda.is_available():

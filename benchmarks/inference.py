@@ -75,9 +75,10 @@ EXAGGERATION = 0.5
 PRECISIONS = {"fp32": {}, "bf16": {"use_mixed_precision": True}, "int8": {"quantize": "int8"}}
 MODES = {f"{c}-{p}": {"enable_compilation": c == "compiled", **opts}
          for c in ("eager", "compiled") for p, opts in PRECISIONS.items()}
-# CPU fast modes: int8 T3 plus the opt-in int8 flow estimator GEMMs (+ int8 attention, AVX512-VNNI CPUs)
+# CPU fast modes: int8 T3 plus the opt-in int8 flow estimator GEMMs (+ int8 attention, AVX512-VNNI CPUs), or the
+# bf16 estimator (CPUs with AMX)
 MODES.update({f"compiled-int8-{name}": {"enable_compilation": True, "quantize": "int8", "s3gen_quantize": q}
-              for name, q in (("flowint8", "int8"), ("flowint8attn", "int8-attn"))})
+              for name, q in (("flowint8", "int8"), ("flowint8attn", "int8-attn"), ("flowbf16", "bf16"))})
 MODES["eager-int8-kv8"] = {"enable_compilation": False, "quantize": "int8", "kv_cache": "int8"}  # CPU: int8 KV cache
 DEFAULT_MODES = {"cpu": "eager-fp32,compiled-fp32",  # on CPU bf16 = bf16 T3 weights, fp32 math (compiled-bf16)
                  "cuda": "eager-fp32,compiled-bf16,eager-bf16,compiled-fp32,compiled-int8"}  # most telling first

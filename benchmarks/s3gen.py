@@ -1,7 +1,7 @@
 """S3Gen speed (flow: speech tokens + prompt -> mel; HiFT: mel -> wav): the reference vs ours, same weights, same run.
 
     .venv/bin/python benchmarks/s3gen.py [--tokens 125] [--device cpu|cuda] [--threads N] [--iters 3] [--rounds 1]
-        [--int8] [--int8-attn] [--out PATH]
+        [--int8] [--int8-attn] [--bf16] [--out PATH]
 
 WEIGHTS ARE RANDOM (the oracle's checkpoint, official shapes) and the prompt is synthetic: 250 prompt tokens and
 500 prompt frames (a 10 s prompt) + 125 generated tokens (5 s) -> T = 750 mel frames, 10 Euler steps of the CFM
@@ -18,6 +18,7 @@ state), and the speed-up ratio.
 - --int8 (CPU): each round also measures ours with s3gen_quantize="int8" (the opt-in int8 estimator GEMMs), and the
   run ends with that mode's drift from the exact output (mel and waveform, same noise).
 - --int8-attn (CPU with AVX512-VNNI): the same for s3gen_quantize="int8-attn" (int8 GEMMs + int8 attention).
+- --bf16 (CPU; fast where it has AMX / AVX512-BF16): the same for s3gen_quantize="bf16" (bf16 GEMMs + attention).
 - ours: in process, `S3Gen.flow.inference` then `S3Gen.mel2wav` eager, with the engine's estimator weight layout, with our CPU kernels loaded on a CPU (as the
   engine does; CHATTERBOX_FAST_CPU_KERNELS=0 measures the pure-PyTorch path).
 """
@@ -116,16 +117,21 @@ def setup_ours(a, ckpt: Path):
     info = {"load_s": load_s, "kernels": kernels.isa() if kernels.available() else None, "flops": flops,
             "estimator_call_flops": est_flops}
     blocks = [m for m in est.modules() if isinstance(m, BasicTransformerBlock)]
-    int8_linears = []
+    int8_linears, bf16_linears = [None] * len(blocks), [None] * len(blocks)
     if a.int8 or a.int8_attn:
         quantize_s3gen(s3gen, "int8-attn" if a.int8_attn else "int8")
         int8_linears = [b.int8 for b in blocks]
+    if a.bf16:
+        quantize_s3gen(s3gen, "bf16")
+        bf16_linears = [b.bf16 for b in blocks]
 
     def use_int8(mode: str | None) -> None:
-        """None (exact), "int8" (int8 GEMMs) or "int8-attn" (also int8 attention)."""
-        for b, q in zip(blocks, int8_linears):
-            b.int8 = q if mode else None
+        """None (exact), "int8" (int8 GEMMs), "int8-attn" (also int8 attention) or "bf16" (bf16 GEMMs and
+        attention)."""
+        for b, q, h in zip(blocks, int8_linears, bf16_linears):
+            b.int8 = q if mode in ("int8", "int8-attn") else None
             b.int8_attention = mode == "int8-attn"
+            b.bf16 = h if mode == "bf16" else None
 
     use_int8(None)
 
@@ -170,7 +176,7 @@ def setup_ours(a, ckpt: Path):
                 "mel_shape": list(mel.shape), "wav_samples": wav.shape[-1]}
 
     def drift(mode: str) -> dict:
-        """An int8 mode's output against the exact one: same inputs, same CFM noise and HiFT randomness."""
+        """A low-precision mode's output against the exact one: same inputs, same CFM noise and HiFT randomness."""
         outs = []
         for on in (None, mode):
             use_int8(on)
@@ -257,6 +263,8 @@ def main() -> None:
                     "CPU) in every round, and its drift from the exact output")
     ap.add_argument("--int8-attn", action="store_true", help="also measure s3gen_quantize='int8-attn' (int8 GEMMs "
                     "and int8 attention, AVX512-VNNI CPUs) in every round, and its drift")
+    ap.add_argument("--bf16", action="store_true", help="also measure s3gen_quantize='bf16' (bf16 GEMMs and "
+                    "attention; fast on CPUs with AMX) in every round, and its drift")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds for the reference subprocess")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -268,12 +276,12 @@ def main() -> None:
     if not oracle_paths.is_built(ckpt):
         sys.exit(f"oracle checkpoint missing: {ckpt} (run `make oracle`)")
 
-    if (a.int8 or a.int8_attn) and a.device != "cpu":
-        sys.exit("--int8 / --int8-attn are CPU modes")
+    if (a.int8 or a.int8_attn or a.bf16) and a.device != "cpu":
+        sys.exit("--int8 / --int8-attn / --bf16 are CPU modes")
     info, measure, use_int8, drift = setup_ours(a, ckpt)
     raw = {k: {"flow": [], "hift": [], "est": [], "adj": []} for k in ("ours", "reference", "ours_int8",
-                                                                        "ours_int8_attn")}
-    int8_modes = [m for m, on in (("int8", a.int8), ("int8-attn", a.int8_attn)) if on]
+                                                                        "ours_int8_attn", "ours_bf16")}
+    int8_modes = [m for m, on in (("int8", a.int8), ("int8-attn", a.int8_attn), ("bf16", a.bf16)) if on]
     gemm_probes, ref, shapes = [], None, {}
     for _ in range(a.rounds):  # ours and the reference alternate: both see the machine's slow and fast spells
         gemm_probes.append(common.measure_gemm_gflops(device=a.device))
@@ -334,7 +342,9 @@ def main() -> None:
         )
     notes = {"int8": "s3gen_quantize='int8': int8 GEMMs for the estimator's transformer linears; changes the output",
              "int8-attn": "s3gen_quantize='int8-attn': int8 GEMMs and int8 attention (Q K^T and P V); changes "
-                          "the output"}
+                          "the output",
+             "bf16": "s3gen_quantize='bf16': bf16 GEMMs for the estimator's transformer linears and attention on "
+                     "bf16 q/k/v (fp32 residual stream, norms, convolutions); changes the output"}
     for mode in int8_modes:
         key = "ours_" + mode.replace("-", "_")
         o8 = {"flow_ms": _stats(raw[key]["flow"]), "hift_ms": _stats(raw[key]["hift"]),

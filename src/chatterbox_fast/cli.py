@@ -35,12 +35,13 @@ def _speak_parser(sub) -> None:
     p.add_argument("--no-watermark", action="store_true", help="do not apply the Perth watermark")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--bf16", action="store_true", help="mixed precision: bf16 on CUDA; on CPU T3's weights in "
-                   "bf16 with fp32 math (faster decode, small drift)")
+                   "bf16 with fp32 math (faster decode, small drift), and on CPUs with native bf16 (AMX) the flow "
+                   "estimator in bf16 (--s3gen-quantize bf16)")
     p.add_argument("--quantize", choices=["int8", "bf16"], help="weight-only int8 (or bf16) for T3's linears "
                    "(faster decode; drift vs fp32 in BENCHMARKS.md)")
-    p.add_argument("--s3gen-quantize", choices=["int8", "int8-attn"], help="CPU: int8 GEMMs in S3Gen's flow "
-                   "estimator (faster flow; changes the audio, drift in BENCHMARKS.md); int8-attn also int8 attention "
-                   "(AVX512-VNNI CPUs)")
+    p.add_argument("--s3gen-quantize", choices=["int8", "int8-attn", "bf16"], help="CPU: int8 GEMMs in S3Gen's "
+                   "flow estimator (faster flow; changes the audio, drift in BENCHMARKS.md); int8-attn also int8 "
+                   "attention (AVX512-VNNI CPUs); bf16: bf16 GEMMs and attention (fast on CPUs with AMX)")
     p.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], help="T3's KV cache storage (default fp32, bf16 "
                    "with --quantize / --bf16 on CPU); int8 (CPU): a quarter of the cache bytes per token, changes the "
                    "audio (drift in BENCHMARKS.md)")

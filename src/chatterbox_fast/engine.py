@@ -213,15 +213,18 @@ class OptimizedChatterboxTTS:
         """Load from a folder holding ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json
         and (optionally) conds.pt, the built-in voice. Every key is checked: no silent partial loads.
         quantize="int8": weight-only int8 for T3's layer linears (quantize.py; drift vs fp32 in BENCHMARKS.md);
-        "bf16": weight-only bf16 with fp32 math, which is what use_mixed_precision=True selects on a CPU (bf16
-        arithmetic is slower than fp32 on CPUs without native bf16; bf16 weights halve the bytes T3 reads per token).
-        With quantize="int8", use_mixed_precision adds nothing on a CPU.
+        "bf16": weight-only bf16 with fp32 math, which is what use_mixed_precision=True selects for T3 on a CPU (T3's
+        decode is bound by the weight bytes it reads, which bf16 halves; its math stays fp32). On a CPU with native
+        bf16 (AMX or AVX512-BF16, `quantize.cpu_has_fast_bf16`) use_mixed_precision=True also selects
+        s3gen_quantize="bf16" (below) unless s3gen_quantize is given; elsewhere bf16 arithmetic is slower than fp32.
         cuda_graphs (CUDA only): replay T3's decode step and the flow estimator from CUDA graphs (same kernels, no
         launch overhead; generation/cuda_graph.py). False runs them eagerly.
         s3gen_quantize="int8" (CPU only, opt-in, CHANGES THE OUTPUT): int8 GEMMs (int8 weights and per-row int8
         activations) for the transformer linears of S3Gen's flow estimator (quantize.quantize_s3gen; speed and the
         mel's drift in BENCHMARKS.md). s3gen_quantize="int8-attn" also runs the estimator's attention on int8 dot
-        products (AVX512-VNNI CPUs only; a ValueError elsewhere).
+        products (AVX512-VNNI CPUs only; a ValueError elsewhere). s3gen_quantize="bf16" (CPU, opt-in, CHANGES THE
+        OUTPUT): the estimator's transformer linears as bf16 GEMMs and its attention on bf16 q / k / v, fp32 residual
+        stream and norms; several times faster where the CPU has native bf16 (AMX), slower elsewhere (a warning).
         kv_cache: T3's KV cache storage. None: fp32 (exact), bf16 in the CPU's low-precision modes (quantize set,
         or use_mixed_precision on a CPU); "fp32" / "bf16" force one; "int8" (CPU only, opt-in, CHANGES THE OUTPUT):
         one int8 per value with an fp32 scale per (head, position) row, a quarter of the bytes each decode step reads
@@ -233,7 +236,8 @@ class OptimizedChatterboxTTS:
         default): "int8" where it applies (device cpu, quantize=None, use_mixed_precision=False, the C++ kernels
         built), off elsewhere. None: off (0.5 GB less memory)."""
         from .quantize import (KV_CACHE_DTYPES, check_int8_attention_supported, check_kv_cache_mode,
-                               check_quantize_mode, check_s3gen_quantize_mode, quantize_s3gen, quantize_t3)
+                               check_quantize_mode, check_s3gen_quantize_mode, cpu_has_fast_bf16, quantize_s3gen,
+                               quantize_t3)
 
         check_quantize_mode(quantize)
         check_s3gen_quantize_mode(s3gen_quantize)
@@ -243,8 +247,8 @@ class OptimizedChatterboxTTS:
             raise ValueError(f"kv_cache='int8' is a CPU mode (the fused CPU decode step reads it); on {dev.type} "
                              "leave it None")
         if s3gen_quantize is not None and dev.type != "cpu":
-            raise ValueError(f"s3gen_quantize={s3gen_quantize!r} is a CPU mode (int8 GEMMs); on {dev.type} leave it "
-                             "None (use_mixed_precision=True selects bf16 on CUDA)")
+            raise ValueError(f"s3gen_quantize={s3gen_quantize!r} is a CPU mode (int8 / bf16 GEMMs); on {dev.type} "
+                             "leave it None (use_mixed_precision=True selects bf16 on CUDA)")
         check_int8_attention_supported(s3gen_quantize)
         _check_speculative(speculative)
         if dev.type == "cpu":
@@ -253,12 +257,15 @@ class OptimizedChatterboxTTS:
         if use_mixed_precision:
             if dev.type == "cuda":
                 t3_dtype = torch.bfloat16
-            elif dev.type == "cpu" and quantize is None:
-                if cpu_kernels.available():  # (loaded above)
-                    quantize = "bf16"  # bf16 weights, fp32 math: half the bytes, no bf16 arithmetic
-                else:
+            elif dev.type == "cpu":
+                if s3gen_quantize is None and cpu_has_fast_bf16():
+                    s3gen_quantize = "bf16"  # the flow estimator's GEMMs and attention in bf16 (AMX / AVX512-BF16)
+                if quantize is None and cpu_kernels.available():  # (loaded above)
+                    quantize = "bf16"  # T3: bf16 weights, fp32 math (decode reads weights; half the bytes)
+                elif quantize is None and s3gen_quantize is None:
                     warnings.warn("use_mixed_precision=True has no effect on this CPU: the bf16-weight kernel could "
-                                  f"not be built ({cpu_kernels.error()}); running fp32", stacklevel=2)
+                                  f"not be built ({cpu_kernels.error()}) and it has no native bf16; running fp32",
+                                  stacklevel=2)
             elif dev.type != "cpu":
                 warnings.warn(f"use_mixed_precision=True has no effect on {dev.type}: bf16 is used on CUDA only",
                               stacklevel=2)
@@ -278,7 +285,10 @@ class OptimizedChatterboxTTS:
             for t in est.inference_layout_(fuse_qkv=s3gen_quantize is None):
                 if dev.type == "cpu":
                     release_file_pages(t)  # the replaced checkpoint tensors: drop their memory-mapped pages
-        if s3gen_quantize is not None:
+        if s3gen_quantize is not None and parts.s3gen is not None:
+            if s3gen_quantize == "bf16" and not cpu_has_fast_bf16():
+                warnings.warn("s3gen_quantize='bf16': this CPU has no native bf16 (AMX / AVX512-BF16), so the "
+                              "estimator's bf16 GEMMs are emulated and likely slower than fp32", stacklevel=2)
             quantize_s3gen(parts.s3gen, s3gen_quantize, release=release_file_pages)
         return cls(parts, dev, enable_compilation=enable_compilation, use_mixed_precision=use_mixed_precision,
                    enable_watermark=enable_watermark, cuda_graphs=cuda_graphs, speculative=speculative)

@@ -55,6 +55,7 @@ constant-folded back to a float weight, fast but no longer int8; the CPU decode 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -283,7 +284,22 @@ class Bf16Linear(_PackableWeight, nn.Module):
 
 _LINEAR_TYPES = {"int8": Int8Linear, "bf16": Bf16Linear}
 
-S3GEN_QUANT_MODES = ("int8", "int8-attn")
+S3GEN_QUANT_MODES = ("int8", "int8-attn", "bf16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices natively: AMX-BF16 tiles (Sapphire Rapids and later Xeons) or
+    AVX512-BF16 (`vdpbf16ps`: Cooper Lake, Zen 4). There oneDNN's bf16 GEMMs (what ATen's CPU bf16 matmul calls)
+    run several times faster than fp32 (measured 4-6x with AMX on the estimator's shapes, 2 cores); elsewhere bf16
+    is emulated and slower than fp32. The environment variable CHATTERBOX_FAST_CPU_BF16=0 / 1 overrides the check."""
+    env = os.environ.get("CHATTERBOX_FAST_CPU_BF16")
+    if env in ("0", "1"):
+        return env == "1"
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return any(bool(c()) for c in checks if c is not None)
+    except Exception:  # noqa: BLE001 - a private helper missing or failing means "not known to be fast"
+        return False
 
 
 def _w8a8_kernels(t: Tensor) -> bool:
@@ -364,6 +380,58 @@ class W8A8Linear(nn.Module):
                 "weight=int8 per-channel, activations=int8 per-row (dynamic)")
 
 
+class Bf16GemmLinear(nn.Module):
+    """y = x W^T + b as a bf16 GEMM (bf16 weights AND activations, fp32 accumulation inside the GEMM, bf16 output):
+    the opt-in bf16 linears of S3Gen's CFM estimator on CPUs with native bf16 (`cpu_has_fast_bf16`: AMX / oneDNN).
+
+    W is stored transposed, (K, N) contiguous, the layout ATen's `mm` hands oneDNN without a copy; the bias in bf16
+    for `forward` (one `addmm`) and in fp32 for `forward_acc_`. Each activation row is rounded to bf16 (relative
+    2^-9) and so is each output; unlike T3's weight-only `Bf16Linear` this changes the activations, so it is used
+    only on request (`s3gen_quantize="bf16"`, or `use_mixed_precision=True` on such a CPU) and its drift is measured
+    (BENCHMARKS.md).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_t", torch.zeros(in_features, out_features, dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("bias_bf16", torch.zeros(out_features, dtype=torch.bfloat16, device=device)
+                             if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor | None) -> "Bf16GemmLinear":
+        """From a float (N, K) weight and optional (N,) bias (copied: the module holds no view of them)."""
+        mod = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        mod.weight_t = weight.detach().t().to(torch.bfloat16).contiguous()
+        if bias is not None:
+            mod.bias = bias.detach().float().clone()
+            mod.bias_bf16 = bias.detach().to(torch.bfloat16).clone()
+        return mod
+
+    def _input(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"Bf16GemmLinear expects (M, {self.in_features}) float32 or bfloat16 input, got "
+                             f"{tuple(x.shape)} {x.dtype}")
+        return x.to(torch.bfloat16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (M, K) float32 or bfloat16 -> (M, N) bfloat16."""
+        x = self._input(x)
+        if self.bias_bf16 is None:
+            return torch.mm(x, self.weight_t)
+        return torch.addmm(self.bias_bf16, x, self.weight_t)
+
+    def forward_acc_(self, y: Tensor, x: Tensor, bias: bool = True) -> Tensor:
+        """y (M, N) float32 += x W^T (+ b unless bias=False: the caller adds it later), in place; returns y."""
+        y.add_(torch.mm(self._input(x), self.weight_t))
+        return y if self.bias is None or not bias else y.add_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                "weight=bf16, activations=bf16")
+
+
 def check_s3gen_quantize_mode(mode: str | None) -> str | None:
     """None (exact fp32 S3Gen) or one of S3GEN_QUANT_MODES; anything else raises ValueError."""
     return _check_mode("s3gen_quantize", mode, S3GEN_QUANT_MODES)
@@ -383,6 +451,11 @@ def quantize_s3gen(s3gen: nn.Module, mode: str = "int8", release=None) -> nn.Mod
     copies of its q/k/v (stacked into one GEMM), output and feed-forward linears (`BasicTransformerBlock.int8`),
     which its in-place inference forward then uses on a CPU. Those linears are ~57 % of the estimator's FLOPs; the
     rest (attention, convolutions, norms) stays fp32. This CHANGES THE OUTPUT (drift measured in BENCHMARKS.md).
+
+    mode "bf16" gives the blocks Bf16GemmLinear copies instead (`BasicTransformerBlock.bf16`: bf16 GEMMs) and runs
+    their attention on bf16 q / k / v (SDPA's CPU flash kernel, fp32 softmax); the residual stream, the norms, the
+    convolutions and the rest stay fp32. Fast on CPUs with native bf16 (`cpu_has_fast_bf16`: AMX or AVX512-BF16),
+    slower than fp32 elsewhere. Converting between "bf16" and the int8 modes replaces one form by the other.
 
     mode "int8-attn" also runs the attention on int8 dot products (`chatterbox_fast::full_attention_int8`: int8
     queries and centred keys for the scores, fp32 softmax rounded to u8 probability levels, centred int8 values for
@@ -404,17 +477,19 @@ def quantize_s3gen(s3gen: nn.Module, mode: str = "int8", release=None) -> nn.Mod
     if blocks[0].norm1.weight.device.type == "cpu":
         cpu_kernels.load()
     check_int8_attention_supported(mode)
+    kind, attr, other = (Bf16GemmLinear, "bf16", "int8") if mode == "bf16" else (W8A8Linear, "int8", "bf16")
     with torch.no_grad():
         for blk in blocks:
             blk.int8_attention = mode == "int8-attn"
-            if blk.int8 is not None:
+            setattr(blk, other, None)  # one low-precision form at a time
+            if getattr(blk, attr) is not None:
                 continue
             a, ff = blk.attn1, blk.ff
             lins = {"qkv": (torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]), None),
                     "out": (a.to_out[0].weight, a.to_out[0].bias),
                     "ff1": (ff.net[0].proj.weight, ff.net[0].proj.bias),
                     "ff2": (ff.net[2].weight, ff.net[2].bias)}
-            blk.int8 = nn.ModuleDict({k: W8A8Linear.from_weight(w, b) for k, (w, b) in lins.items()})
+            setattr(blk, attr, nn.ModuleDict({k: kind.from_weight(w, b) for k, (w, b) in lins.items()}))
             if release is not None:
                 for lin in (a.to_q, a.to_k, a.to_v, a.to_out[0], ff.net[0].proj, ff.net[2]):
                     release(lin.weight)

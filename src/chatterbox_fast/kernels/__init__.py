@@ -30,6 +30,9 @@ them in one graph as extern calls; fake implementations below give their output 
   scales), fp32 softmax rounded to u8 probability levels, P V against centred per-channel int8 values, both integer
   sums exact; AVX512-VNNI tiles for D = 64 on a VNNI CPU (`int8_attention_ready()`), else a portable loop with the
   same arithmetic (bit-identical, slow: tests only).
+- `torch.ops.chatterbox_fast.full_attention_bf16(q, k, v (B, T, H, 64) bf16, scale) -> (B, T, H, 64) bf16`: the
+  estimator's attention in `s3gen_quantize="bf16"` on AMX tiles (bf16 products, fp32 sums, fp32 softmax, bf16
+  probabilities, as SDPA's bf16 CPU kernel does); CPUs with AMX-BF16 only (`bf16_attention_ready()`).
 - `torch.ops.chatterbox_fast.quantize_rows(x (M, K) f32) -> (q (M, K) int8, s (M,) f32)`: per-row symmetric int8
   (q = round(x * 127 / max|x_m|), s = max|x_m| / 127); `dequant_rows(acc (M, N) int32, sx (M,), sw (N,), bias?)
   -> (M, N) f32` = acc * sx[m] * sw[n] + bias[n], and `dequant_rows_acc_(y, ...)` adding that into y in place: the
@@ -53,6 +56,7 @@ Environment:
 - CHATTERBOX_FAST_CPU_VNNI=0 makes an AVX-512 build run as on a CPU without AVX512-VNNI (for tests): the int8 linear
   multiplies with vpmaddwd + vpaddd instead of vpdpwssd (the same exact sums), int8 attention takes its portable
   path.
+- CHATTERBOX_FAST_CPU_AMX=0 makes `full_attention_bf16` unavailable (the bf16 estimator then uses SDPA).
 - CXX: the compiler (default `c++`).
 """
 
@@ -181,6 +185,10 @@ def _register_fakes() -> None:
     def _full_attention_int8_fake(q, k, v, scale, force_portable=False):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("chatterbox_fast::full_attention_bf16")
+    def _full_attention_bf16_fake(q, k, v, scale):
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake("chatterbox_fast::quantize_rows")
     def _quantize_rows_fake(x):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1])
@@ -229,10 +237,12 @@ def load() -> bool:
                            _state["error"].splitlines()[0])
             return False
         try:  # whether full_attention_int8's AVX512-VNNI path applies (AVX-512 build on a VNNI CPU)
-            int8_attn = bool(ctypes.CDLL(str(path)).cbf_attention_int8_fast())
+            lib = ctypes.CDLL(str(path))
+            int8_attn = bool(lib.cbf_attention_int8_fast())
+            bf16_attn = bool(lib.cbf_attention_bf16_amx())  # also asks Linux for the AMX tile state
         except (OSError, AttributeError):
-            int8_attn = False
-        _state.update(ok=True, isa=isa, int8_attn=int8_attn)
+            int8_attn = bf16_attn = False
+        _state.update(ok=True, isa=isa, int8_attn=int8_attn, bf16_attn=bf16_attn)
         logger.info("chatterbox_fast CPU kernels loaded (%s, %s)", isa, path)
         return True
 
@@ -271,6 +281,12 @@ def int8_attention_ready() -> bool:
     """True when `chatterbox_fast::full_attention_int8` runs its fast path (AVX-512 build on a CPU with
     AVX512-VNNI); elsewhere the op runs a portable loop that is much slower than fp32 attention."""
     return _state["ok"] and bool(_state.get("int8_attn"))
+
+
+def bf16_attention_ready() -> bool:
+    """True when `chatterbox_fast::full_attention_bf16` can run: AVX-512 build (GCC >= 11) on a CPU with AMX-BF16
+    whose tile state Linux granted; elsewhere the bf16 estimator uses SDPA."""
+    return _state["ok"] and bool(_state.get("bf16_attn"))
 
 
 def isa() -> str | None:

@@ -34,6 +34,11 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__) && defined(__GNUC__) && defined(__linux__)
+#include <cpuid.h>  // the AMX check of the bf16 attention (cpuid, arch_prctl)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -1687,6 +1692,251 @@ void attend_head_vnni(const full::Head& h, int64_t T, float qscale) {
 #endif
 }  // namespace fq8
 
+// ---- bf16 full attention on AMX tiles: the estimator's attention in s3gen_quantize="bf16" ------------------------
+// y (B, T, H, 64) bf16 = softmax(q k^T * scale) v for bf16 q, k, v (B, T, H, 64) views, on CPUs with AMX-BF16
+// (Sapphire Rapids and later; Linux must grant the tile state: arch_prctl ARCH_REQ_XCOMP_PERM). Per (batch, head):
+// K is repacked once into the tiles' pair-interleaved layout (a B tile holds 16 pairs of dims x 16 keys), V likewise
+// (16 pairs of keys x 16 dims); then for each block of 16 queries the scores S (16 x T, fp32) come from
+// `tdpbf16ps` (2 per 16 keys: dims 0-31 and 32-63; exact bf16 products, fp32 sums), a base-2 softmax in AVX-512
+// (scale folded into the exponent, max over the row, sum of the fp32 exponentials) writes the unnormalised
+// probabilities P in bf16, and O (16 x 64) = P V runs on 4 accumulator tiles; the output row is O / sum, rounded to
+// bf16. Numbers: those of SDPA's bf16 CPU kernel in kind (fp32 scores and softmax, bf16 P, fp32 sums), not bit for
+// bit (summation order, exp polynomial).
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 11) && defined(__linux__)
+#define CBF_HAVE_AMX_PATH 1
+namespace fbf {
+constexpr int64_t D = 64;   // head size
+constexpr int64_t QB = 16;  // queries per block (tile rows)
+
+// AMX-BF16 + AVX512-BF16 on this CPU and the tile state granted by the kernel; CHATTERBOX_FAST_CPU_AMX=0: never
+bool amx_usable() {
+  static const bool yes = [] {
+    const char* env = std::getenv("CHATTERBOX_FAST_CPU_AMX");
+    if (env != nullptr && env[0] == '0') return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1u, amx_bf16 = (d >> 22) & 1u;
+    unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+    if (!__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) return false;
+    const bool avx512_bf16 = (a1 >> 5) & 1u;
+    if (!(tile && amx_bf16 && avx512_bf16)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return yes;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+struct HeadBf {  // one (batch, head): bf16 rows (as uint16) and row strides in elements
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  uint16_t* out;
+  int64_t ldq, ldk, ldv, ldo;
+};
+
+struct Scratch {  // per thread, grown as needed
+  std::vector<uint32_t> kp;  // (nkb, 2, 16 pairs, 16 keys) dim pairs of K
+  std::vector<uint32_t> vp;  // (nkp, 4, 16 key pairs, 16 dims) key pairs of V
+  std::vector<float> s;      // (16, T16) scores, then exponentials
+  std::vector<uint16_t> p;   // (16, T32) bf16 probabilities (unnormalised), zero past T
+  std::vector<uint16_t> qb;  // (16, 64) the last block's queries, zero-padded
+  std::vector<float> o;      // (16, 64) P V
+};
+
+// 2^x for x <= 0 to 7.8e-5 relative (degree-3 polynomial fitted to 2^f on [-0.5, 0.5] by relative-error least
+// squares on Chebyshev nodes): the probabilities are rounded to bf16 (2^-9) right after, so dec::exp2_ps's 1e-7
+// buys nothing. A common relative error of all of a row's values cancels (P is divided by their sum). No clamp: x is
+// finite, and scalef of a huge negative n gives 0.
+inline __m512 exp2_bf(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(0.05508868380751114f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24260405145947936f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932762416819607f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999289403695112f));
+  return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("amx-tile,amx-bf16,avx512bf16"))) void attend_head_amx(const HeadBf& h, int64_t T, float qs,
+                                                                              Scratch& sc) {
+  // keys padded to a multiple of 64 (zero keys and values; their scores are never read): 4 blocks of 16 keys for
+  // the scores and 2 of 32 for P V per step, so that independent tiles keep the AMX unit busy
+  const int64_t T64 = (T + 63) / 64 * 64, nkb = T64 / 16, nkp = T64 / 32;
+  sc.kp.resize(nkb * 2 * 256);  // every word written below
+  sc.vp.resize(nkp * 4 * 256);
+  std::memset(sc.vp.data() + (T / 32) * 1024, 0, (nkp - T / 32) * 1024 * 4);  // blocks with missing keys
+  sc.s.resize(QB * T64);
+  sc.p.assign(QB * T64, 0);
+  sc.qb.resize(QB * D);
+  sc.o.resize(QB * D);
+  for (int64_t kb = 0; kb < nkb; ++kb) {  // K: tile (kb, j), row r = dims 32 j + 2r, + 1 of the block's 16 keys
+    __m512 r0[16], r1[16];  // key n's pairs 0-15 / 16-31 (as 32-bit words)
+    for (int64_t n = 0; n < 16; ++n) {
+      const bool in = kb * 16 + n < T;
+      const uint16_t* kr = h.k + (kb * 16 + n) * h.ldk;
+      r0[n] = in ? _mm512_loadu_ps(kr) : _mm512_setzero_ps();
+      r1[n] = in ? _mm512_loadu_ps(kr + 32) : _mm512_setzero_ps();
+    }
+    Isa::transpose(r0);  // r0[p] = pair p of keys 0..15
+    Isa::transpose(r1);
+    float* dst = reinterpret_cast<float*>(sc.kp.data() + kb * 512);
+    for (int64_t p = 0; p < 16; ++p) {
+      _mm512_storeu_ps(dst + p * 16, r0[p]);
+      _mm512_storeu_ps(dst + 256 + p * 16, r1[p]);
+    }
+  }
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
+                                      36, 4, 35, 3, 34, 2, 33, 1, 32, 0);  // a[0], b[0], a[1], b[1], ... a[15], b[15]
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));        // the same for elements 16..31
+  for (int64_t n = 0; n < T; n += 2) {  // V: tile (n / 32, g), row (n % 32) / 2 = dims 16 g .. + 15 of keys n, n + 1
+    const uint16_t* va = h.v + n * h.ldv;
+    const bool in = n + 1 < T;
+    const __m512i a0 = _mm512_loadu_si512(va), a1 = _mm512_loadu_si512(va + 32);
+    const __m512i b0 = in ? _mm512_loadu_si512(va + h.ldv) : _mm512_setzero_si512();
+    const __m512i b1 = in ? _mm512_loadu_si512(va + h.ldv + 32) : _mm512_setzero_si512();
+    uint32_t* dst = sc.vp.data() + (n / 32) * 1024 + ((n % 32) / 2) * 16;
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a0, lo, b0));
+    _mm512_storeu_si512(dst + 256, _mm512_permutex2var_epi16(a0, hi, b0));
+    _mm512_storeu_si512(dst + 512, _mm512_permutex2var_epi16(a1, lo, b1));
+    _mm512_storeu_si512(dst + 768, _mm512_permutex2var_epi16(a1, hi, b1));
+  }
+  const uint32_t* kp = sc.kp.data();
+  const uint32_t* vp = sc.vp.data();
+  float* s = sc.s.data();
+  uint16_t* p = sc.p.data();
+  float* o = sc.o.data();
+  const __m512 vqs = _mm512_set1_ps(qs);
+  for (int64_t m0 = 0; m0 < T; m0 += QB) {
+    const int64_t rows = std::min(QB, T - m0);
+    const uint16_t* qsrc = h.q + m0 * h.ldq;
+    int64_t ldq = h.ldq;
+    if (rows < QB) {  // the last block: its rows in a zero-padded copy
+      std::memset(sc.qb.data(), 0, QB * D * 2);
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(sc.qb.data() + r * D, qsrc + r * h.ldq, D * 2);
+      qsrc = sc.qb.data();
+      ldq = D;
+    }
+    _tile_loadd(1, qsrc, ldq * 2);       // queries, dims 0-31
+    _tile_loadd(2, qsrc + 32, ldq * 2);  // dims 32-63
+    for (int64_t kb = 0; kb < nkb; kb += 4) {  // 4 blocks of 16 keys in flight: accumulators 0, 4, 5, 6
+      const uint32_t* kt = kp + kb * 512;
+      _tile_zero(0);
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_loadd(3, kt, 64);  // dims 0-31 of keys kb * 16 ..
+      _tile_dpbf16ps(0, 1, 3);
+      _tile_loadd(7, kt + 256, 64);  // dims 32-63
+      _tile_dpbf16ps(0, 2, 7);
+      _tile_loadd(3, kt + 512, 64);
+      _tile_dpbf16ps(4, 1, 3);
+      _tile_loadd(7, kt + 768, 64);
+      _tile_dpbf16ps(4, 2, 7);
+      _tile_loadd(3, kt + 1024, 64);
+      _tile_dpbf16ps(5, 1, 3);
+      _tile_loadd(7, kt + 1280, 64);
+      _tile_dpbf16ps(5, 2, 7);
+      _tile_loadd(3, kt + 1536, 64);
+      _tile_dpbf16ps(6, 1, 3);
+      _tile_loadd(7, kt + 1792, 64);
+      _tile_dpbf16ps(6, 2, 7);
+      _tile_stored(0, s + kb * 16, T64 * 4);
+      _tile_stored(4, s + kb * 16 + 16, T64 * 4);
+      _tile_stored(5, s + kb * 16 + 32, T64 * 4);
+      _tile_stored(6, s + kb * 16 + 48, T64 * 4);
+    }
+    float linv[QB];
+    for (int64_t r = 0; r < rows; ++r) {  // base-2 softmax of the row, unnormalised exponentials to bf16
+      float* sr = s + r * T64;
+      uint16_t* pr = p + r * T64;
+      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      int64_t t = 0;
+      for (; t + 16 <= T; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + t));
+      const __mmask16 tail = static_cast<__mmask16>((1u << (T - t)) - 1u);
+      if (t < T) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, sr + t));
+      const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * qs);
+      __m512 sum = _mm512_setzero_ps();
+      for (t = 0; t + 16 <= T; t += 16) {
+        const __m512 e = exp2_bf(_mm512_fmsub_ps(_mm512_loadu_ps(sr + t), vqs, mv));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + t), (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      if (t < T) {
+        const __m512 e = _mm512_maskz_mov_ps(tail, exp2_bf(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, sr + t), vqs,
+                                                                           mv)));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_mask_storeu_epi16(pr + t, tail, (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      linv[r] = 1.f / _mm512_reduce_add_ps(sum);
+    }
+    if (rows < QB) std::memset(p + rows * T64, 0, (QB - rows) * T64 * 2);
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t kb = 0; kb < nkp; kb += 2) {  // P tiles 0 and 1 and V tiles 2 and 3 alternate
+      const uint32_t* vt = vp + kb * 1024;
+      _tile_loadd(0, p + kb * 32, T64 * 2);  // P: 16 queries x 32 keys
+      _tile_loadd(2, vt, 64);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_loadd(3, vt + 256, 64);
+      _tile_dpbf16ps(5, 0, 3);
+      _tile_loadd(2, vt + 512, 64);
+      _tile_dpbf16ps(6, 0, 2);
+      _tile_loadd(3, vt + 768, 64);
+      _tile_dpbf16ps(7, 0, 3);
+      _tile_loadd(1, p + kb * 32 + 32, T64 * 2);
+      _tile_loadd(2, vt + 1024, 64);
+      _tile_dpbf16ps(4, 1, 2);
+      _tile_loadd(3, vt + 1280, 64);
+      _tile_dpbf16ps(5, 1, 3);
+      _tile_loadd(2, vt + 1536, 64);
+      _tile_dpbf16ps(6, 1, 2);
+      _tile_loadd(3, vt + 1792, 64);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+    _tile_stored(4, o, D * 4);
+    _tile_stored(5, o + 16, D * 4);
+    _tile_stored(6, o + 32, D * 4);
+    _tile_stored(7, o + 48, D * 4);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 li = _mm512_set1_ps(linv[r]);
+      uint16_t* yr = h.out + (m0 + r) * h.ldo;
+      for (int64_t c = 0; c < D; c += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + c),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o + r * D + c), li)));
+    }
+  }
+}
+
+__attribute__((target("amx-tile"))) void tiles_on() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  asm volatile("" : : "r"(&cfg) : "memory");  // GCC 12 drops the stores above as dead without this (ldtilecfg reads)
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void tiles_off() { _tile_release(); }
+}  // namespace fbf
+#endif
+
+bool attention_bf16_amx() {  // full_attention_bf16 can run (AVX-512 build, GCC >= 11, AMX-BF16 usable)
+#if defined(CBF_HAVE_AMX_PATH)
+  return fbf::amx_usable();
+#else
+  return false;
+#endif
+}
+
 bool attention_int8_fast() {  // the VNNI path applies (AVX-512 build on a CPU with AVX512-VNNI)
 #if defined(CBF_HAVE_VNNI_PATH)
   return dec::cpu_has_vnni();
@@ -1757,6 +2007,42 @@ at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 #endif
     full::attend_head_generic(h, T, Dh, qs);
   });
+}
+
+// q, k, v (B, T, H, 64) bfloat16 views with a contiguous last dim -> (B, T, H, 64) bfloat16 (contiguous); AMX only
+at::Tensor full_attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->stride(3) == 1 &&
+                    t->sizes() == q.sizes(),
+                "full_attention_bf16: q, k and v must be (B, T, H, 64) bfloat16 CPU tensors of one shape with a "
+                "contiguous last dim, got ", t->sizes(), " ", t->scalar_type(), " strides ", t->strides());
+  }
+  TORCH_CHECK(q.size(3) == 64 && q.size(1) >= 1, "full_attention_bf16: head size 64 and T >= 1 expected, got ",
+              q.sizes());
+  TORCH_CHECK(attention_bf16_amx(), "full_attention_bf16: needs a CPU with AMX-BF16 (and the tile state granted by "
+              "the OS) and an AVX-512 build with GCC >= 11");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
+  at::Tensor y = at::empty({B, T, H, 64}, q.options());
+#if defined(CBF_HAVE_AMX_PATH)
+  const float qs = static_cast<float>(scale * 1.4426950408889634);
+  const auto* qp = static_cast<const uint16_t*>(q.data_ptr());
+  const auto* kp = static_cast<const uint16_t*>(k.data_ptr());
+  const auto* vp = static_cast<const uint16_t*>(v.data_ptr());
+  auto* yp = static_cast<uint16_t*>(y.data_ptr());
+  at::parallel_for(0, B * H, 1, [&](int64_t g0, int64_t g1) {
+    static thread_local fbf::Scratch sc;
+    fbf::tiles_on();
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = g / H, hh = g % H;
+      const fbf::HeadBf h{qp + b * q.stride(0) + hh * q.stride(2), kp + b * k.stride(0) + hh * k.stride(2),
+                          vp + b * v.stride(0) + hh * v.stride(2), yp + (b * T * H + hh) * 64,
+                          q.stride(1), k.stride(1), v.stride(1), H * 64};
+      fbf::attend_head_amx(h, T, qs, sc);
+    }
+    fbf::tiles_off();
+  });
+#endif
+  return y;
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& w, at::ScalarType wdtype, const char* op) {
@@ -2114,6 +2400,7 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale) -> Tensor");
   m.def("full_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("full_attention_int8(Tensor q, Tensor k, Tensor v, float scale, bool force_portable=False) -> Tensor");
+  m.def("full_attention_bf16(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("dequant_rows(Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> Tensor");
   m.def("dequant_rows_acc_(Tensor(a!) y, Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> ()");
@@ -2133,6 +2420,7 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("full_attention", &full_attention);
   m.impl("full_attention_int8", &full_attention_int8);
+  m.impl("full_attention_bf16", &full_attention_bf16);
   m.impl("quantize_rows", &quantize_rows);
   m.impl("dequant_rows", &dequant_rows);
   m.impl("dequant_rows_acc_", &dequant_rows_acc_);
@@ -2144,6 +2432,7 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.
 extern "C" const char* cbf_cpu_linear_isa() { return isa(); }
 extern "C" int cbf_attention_int8_fast() { return attention_int8_fast() ? 1 : 0; }
+extern "C" int cbf_attention_bf16_amx() { return attention_bf16_amx() ? 1 : 0; }
 // Which multiply the packed int8 linear runs: 2 = vpdpwssd (VNNI), 1 = vpmaddwd + vpaddd, 0 = the fp32-math kernel
 extern "C" int cbf_int8_linear_path() {
 #if defined(CBF_HAVE_I16_LINEAR)

@@ -268,6 +268,8 @@ class BasicTransformerBlock(nn.Module):
     `int8` (opt-in, set by `quantize.quantize_s3gen`): None, or a ModuleDict of int8 GEMM linears `qkv` (the q, k
     and v weights stacked), `out`, `ff1`, `ff2` that `forward_` uses on a CPU instead of the float ones; each maps
     (M, K) -> (M, N) and has `forward_acc_(y, x)` for y += linear(x). The float weights stay (other devices, autograd).
+    `bf16` (opt-in, `quantize_s3gen(..., "bf16")`): None, or the same four linears as bf16 GEMMs
+    (`quantize.Bf16GemmLinear`, bf16 outputs); `forward_` then runs the attention on bf16 q / k / v too.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, ff_mult: int) -> None:
@@ -278,6 +280,7 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, ff_mult)
         self.int8: nn.ModuleDict | None = None
         self.int8_attention = False  # with int8: the attention on int8 dot products ("int8-attn")
+        self.bf16: nn.ModuleDict | None = None
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), attn_bias)
@@ -289,6 +292,8 @@ class BasicTransformerBlock(nn.Module):
         for the residual stream."""
         if self.int8 is not None and x.device.type == "cpu":
             return self._forward_int8_(x, attn_bias)
+        if self.bf16 is not None and x.device.type == "cpu":
+            return self._forward_bf16_(x, attn_bias)
         c = x.shape[-1]
         y = x.view(-1, c)  # (B*T, C)
         out = self.attn1.to_out[0]
@@ -314,6 +319,29 @@ class BasicTransformerBlock(nn.Module):
         q8["out"].forward_acc_(y, o.reshape(b * t, -1))
         h = q8["ff1"](_layer_norm(y, self.norm3))  # (B*T, ff inner)
         q8["ff2"].forward_acc_(y, torch.ops.aten.gelu_(h))
+        return x
+
+
+    def _forward_bf16_(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        """`forward_` with the bf16 GEMMs of `self.bf16`: LayerNorm in fp32, its output rounded to bf16 for the
+        GEMMs, attention on the bf16 q / k / v (our AMX kernel `full_attention_bf16` where it runs, else SDPA: fp32
+        scores and softmax, bf16 probabilities either way), GELU on the bf16 feed-forward activations; the residual
+        stream x stays fp32 (updated in place)."""
+        b, t, c = x.shape
+        a, lin = self.attn1, self.bf16
+        y = x.view(-1, c)  # (B*T, C) fp32
+        qkv = lin["qkv"](_layer_norm(y, self.norm1)).view(b, t, 3, a.heads, a.head_dim)  # (B, T, 3, H, hd) bf16
+        scale = 1.0 / math.sqrt(a.head_dim)
+        if attn_bias is None and a.head_dim == 64 and cpu_kernels.bf16_attention_ready():  # AMX tiles
+            o = torch.ops.chatterbox_fast.full_attention_bf16(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale)
+            o = o.view(b * t, -1)  # (B*T, H*hd) bf16
+        else:
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, hd) views
+            bias = None if attn_bias is None else attn_bias.to(torch.bfloat16)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).transpose(1, 2).reshape(b * t, -1)
+        lin["out"].forward_acc_(y, o, bias=False)  # its bias: added in the norm below
+        g = lin["ff1"](_layer_norm(y, self.norm3, lin["out"].bias))  # (B*T, ff inner) bf16
+        lin["ff2"].forward_acc_(y, torch.ops.aten.gelu_(g))
         return x
 
 
