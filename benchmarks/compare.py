@@ -72,7 +72,7 @@ MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quan
     "int8-compiled-flowint8": (True, False, True, "int8", None, "int8"),
     "int8-compiled-flowint8attn": (True, False, True, "int8", None, "int8-attn"),
     "int8-compiled-flowint8attn-kv8": (True, False, True, "int8", None, "int8-attn"),
-    "int8-flowbf16": (False, False, True, "int8", None, "bf16"),  # CPUs with AMX: the flow estimator in bf16
+    "int8-flowbf16": (False, False, False, "int8", None, "bf16"),  # CPUs with AMX: the flow estimator in bf16
     "eager-spec": (False, False, False, None, None, None),
     "eager-plain": (False, False, False, None, None, None),
 }
