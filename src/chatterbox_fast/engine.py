@@ -161,18 +161,16 @@ class OptimizedChatterboxTTS:
     def _speculative_decoder(self, mode: str):
         """The SpeculativeDecoder for `mode`; "auto": None where it does not apply (no error)."""
         from .generation.fused import fused_step_unsupported
-        from .generation.speculative import SpeculativeDecoder
+        from .generation.speculative import SpeculativeDecoder, target_linears_supported
 
         reason = None if self.fused_decode else "T3 does not decode through the fused CPU step here"
-        qkv = self.t3.tfmr.layers[0].self_attn.qkv_proj
-        if reason is None and not (type(qkv) is torch.nn.Linear and qkv.weight.dtype == torch.float32):
-            reason = "T3's layer linears are not fp32 (quantize / use_mixed_precision on a CPU)"
-        reason = reason or fused_step_unsupported(self.t3)
+        reason = reason or target_linears_supported(self.t3) or fused_step_unsupported(self.t3)
         if reason is not None and mode == SPECULATIVE_AUTO:
             return None
         if reason is not None:
-            raise ValueError(f"speculative={mode!r} needs exact fp32 T3 decoding through the fused CPU step (device "
-                             f"cpu, quantize=None, use_mixed_precision=False, C++ kernels built): {reason}")
+            raise ValueError(f"speculative={mode!r} needs fp32 or bf16-weight T3 decoding through the fused CPU step "
+                             "(device cpu, quantize None or 'bf16' (use_mixed_precision on a CPU), C++ kernels "
+                             f"built): {reason}")
         return SpeculativeDecoder(self.t3, self._step_fn)
 
     def warm_up(self) -> None:

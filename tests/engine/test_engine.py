@@ -170,11 +170,16 @@ def test_speculative_decoding_gives_the_same_tokens_and_waveform(tts, oracle_ckp
     assert not tts.t3.caches_allocated and not tts._speculative.draft.caches_allocated  # both freed after T3
 
 
-def test_speculative_needs_exact_fp32_t3_unless_auto(oracle_ckpt):
+def test_speculative_needs_fp32_or_bf16_weight_t3_unless_auto(oracle_ckpt):
     with pytest.raises(ValueError, match="speculative"):
         OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, speculative="int4")
-    with pytest.raises(ValueError, match="exact fp32"):
+    with pytest.raises(ValueError, match="fp32 or bf16-weight T3"):
         OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, speculative="int8",
                                           quantize="int8")
     q = OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, quantize="int8")
     assert q._speculative is None  # auto: off where it does not apply, silently
+    from chatterbox_fast import kernels
+
+    if kernels.available() and kernels.isa() in ("avx512", "avx2"):  # bf16 weights (use_mixed_precision) speculate
+        b = OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, quantize="bf16")
+        assert b._speculative is not None and b._speculative.draft is not None

@@ -40,7 +40,7 @@ def _fp32_model(seed: int = 0, stop_boost: float = 0.0):
 
 
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("fmt", [None, "int8", "int8-packed", "bf16"])
+@pytest.mark.parametrize("fmt", [None, "int8", "int8-packed", "bf16", "bf16-packed"])
 @pytest.mark.parametrize("batch, k", [(2, 3), (2, 7), (1, 5)])
 def test_k_token_step_equals_k_one_token_steps_bitwise(fmt, kv_dtype, batch, k):
     """tokens_logits over k tokens == k one-token steps: logits and every KV cache slot, bit for bit (2 k rows go
@@ -91,6 +91,27 @@ def test_speculative_tokens_and_generator_equal_the_plain_fused_loop(cfg_weight,
             assert stats["accepted"] > 0.5 * stats["drafted"]  # the int8 draft mostly agrees (random tiny model)
         else:
             assert stats["drafted"] == 0
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+def test_speculative_with_a_bf16_weight_target_equals_its_plain_loop(kv_dtype):
+    """use_mixed_precision on a CPU: T3's layer weights in bf16 (packed, as the engine lays them out); the int8
+    draft is built from those bf16 values and the check computes every row as the bf16 one-token step does."""
+    from chatterbox_fast.quantize import Int8Linear
+
+    m = tiny_t3_as("bf16-packed", kv_dtype)
+    dec = SpeculativeDecoder(m, draft_tokens=6, adaptive=False)
+    lin = dec.draft.tfmr.layers[0].mlp.down_proj
+    assert isinstance(lin, Int8Linear)
+    want_w = m.tfmr.layers[0].mlp.down_proj.row_major_weight().float()
+    assert (lin.dequantized_weight() - want_w).abs().max() <= lin.scale.max() / 2 + 1e-6  # int8 of the bf16 values
+    x = torch.randn(2, 11, m.cfg.dim, generator=torch.Generator().manual_seed(2))
+    p = SamplingParams(max_new_tokens=50)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    want = generate_tokens(m, x, p, generator=g1, step_fn=dec.target_step)
+    got = dec.generate(x, p, generator=g2)
+    assert torch.equal(got, want) and torch.equal(g1.get_state(), g2.get_state())
+    assert dec.last_stats["accepted"] > 0.5 * dec.last_stats["drafted"] > 0
 
 
 def _spoil_draft(dec: SpeculativeDecoder) -> None:
@@ -304,7 +325,7 @@ def test_bad_arguments_are_rejected_clearly():
         build_int8_draft(m)
     q = tiny_t3(0)
     quantize_t3(q, "int8")
-    with pytest.raises(ValueError, match="float"):
+    with pytest.raises(ValueError, match="fp32 nn.Linear or Bf16Linear"):
         build_int8_draft(q)
     with pytest.raises(ValueError, match="draft_tokens"):
         SpeculativeDecoder(_fp32_model(), draft_tokens=100)

@@ -50,17 +50,43 @@ def check_draft_tokens(k) -> int:
     return k
 
 
-def build_int8_draft(target: T3) -> T3:
-    """A T3 whose layer linears are int8 copies (quantize.Int8Linear) of `target`'s fused fp32 ones and whose
-    embeddings, norms and heads are `target`'s own modules (shared, not copied): ~0.5 GB on top of the target."""
-    from ..quantize import Int8Linear, pack_t3
+def _int8_copy(lin: torch.nn.Module):
+    """quantize.Int8Linear of a target layer linear: a float nn.Linear, or a Bf16Linear (from its bf16 values)."""
+    from ..quantize import Bf16Linear, Int8Linear
+
+    if isinstance(lin, Bf16Linear):
+        with torch.device("meta"):
+            tmp = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
+        tmp.weight = torch.nn.Parameter(lin.row_major_weight().float(), requires_grad=False)  # one layer's temporary
+        return Int8Linear.from_linear(tmp)
+    return Int8Linear.from_linear(lin)
+
+
+def target_linears_supported(target: T3) -> str | None:
+    """None when `target`'s layer linears can be drafted and checked (fused fp32 nn.Linear, or Bf16Linear: the
+    weight-only bf16 of use_mixed_precision on a CPU), else the reason."""
+    from ..quantize import Bf16Linear
 
     for layer in target.tfmr.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_proj is None or mlp.gate_up_proj is None:
-            raise ValueError("build_int8_draft: fuse the target's projections first (T3.fuse_projections)")
-        if any(type(m) is not torch.nn.Linear for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
-            raise ValueError("build_int8_draft: the target's layer linears must be float nn.Linear")
+            return "fuse the target's projections first (T3.fuse_projections)"
+        for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if not (type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 or isinstance(m, Bf16Linear)):
+                return (f"the target's layer linears must be fp32 nn.Linear or Bf16Linear (bf16 weights), got "
+                        f"{type(m).__name__}")
+    return None
+
+
+def build_int8_draft(target: T3) -> T3:
+    """A T3 whose layer linears are int8 copies (quantize.Int8Linear) of `target`'s fused fp32 (or bf16-weight)
+    ones and whose embeddings, norms and heads are `target`'s own modules (shared, not copied): ~0.5 GB on top of the
+    target."""
+    from ..quantize import pack_t3
+
+    reason = target_linears_supported(target)
+    if reason is not None:
+        raise ValueError(f"build_int8_draft: {reason}")
     with torch.device("meta"):
         draft = T3(target.cfg)  # nothing allocated: every tensor below is the target's or a new int8 one
     for name in ("cond_enc", "text_emb", "speech_emb", "text_pos_emb", "speech_pos_emb", "text_head", "speech_head"):
@@ -71,9 +97,8 @@ def build_int8_draft(target: T3) -> T3:
             d.input_layernorm, d.post_attention_layernorm = t.input_layernorm, t.post_attention_layernorm
             da, ta, dm, tm = d.self_attn, t.self_attn, d.mlp, t.mlp
             del da.q_proj, da.k_proj, da.v_proj, dm.gate_proj, dm.up_proj
-            da.qkv_proj, da.o_proj = Int8Linear.from_linear(ta.qkv_proj), Int8Linear.from_linear(ta.o_proj)
-            dm.gate_up_proj = Int8Linear.from_linear(tm.gate_up_proj)
-            dm.down_proj = Int8Linear.from_linear(tm.down_proj)
+            da.qkv_proj, da.o_proj = _int8_copy(ta.qkv_proj), _int8_copy(ta.o_proj)
+            dm.gate_up_proj, dm.down_proj = _int8_copy(tm.gate_up_proj), _int8_copy(tm.down_proj)
     pack_t3(draft)
     draft.kv_dtype = torch.bfloat16  # the draft's cache: half the bytes (its numbers only steer, never emit)
     return draft
@@ -208,13 +233,14 @@ class SpeculativeDecoder:
     `decode.generate_tokens(model, ...)` returns with the fused step, bit for bit (every row of the k-token
     verification is computed exactly as the one-token step computes it: tests/generation/test_speculative.py).
 
-    Needs the fused CPU step for `model` (fp32 layer linears, fused projections, AVX-512 / AVX2 kernels):
-    `fused.fused_step_unsupported` says why not otherwise. Holds the draft (~0.5 GB) and its own KV cache (bf16);
+    Needs the fused CPU step for `model` (fp32 or bf16-weight layer linears, fused projections, AVX-512 / AVX2
+    kernels): `target_linears_supported` and `fused.fused_step_unsupported` say why not otherwise. With bf16 weights
+    (use_mixed_precision on a CPU) the output is that of the bf16-weight plain loop, bit for bit. Holds the draft (~0.5 GB) and its own KV cache (bf16);
     `release_caches()` frees both models' caches."""
 
     def __init__(self, model: T3, target_step: FusedDecodeStep | None = None,
                  draft_tokens: int = DEFAULT_DRAFT_TOKENS, adaptive: bool = True):
-        reason = fused_step_unsupported(model)
+        reason = target_linears_supported(model) or fused_step_unsupported(model)
         if reason is not None:
             raise ValueError(f"speculative decoding needs the fused CPU decode step: {reason}")
         self.model = model
