@@ -73,11 +73,12 @@ MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quan
     "int8-compiled-flowint8attn": (True, False, True, "int8", None, "int8-attn"),
     "int8-compiled-flowint8attn-kv8": (True, False, True, "int8", None, "int8-attn"),
     "int8-flowbf16": (False, False, False, "int8", None, "bf16"),  # CPUs with AMX: the flow estimator in bf16
+    "bf16-plain": (True, True, True, None, None, None),  # bf16-compiled without speculative decoding (CPU)
     "eager-spec": (False, False, False, None, None, None),
     "eager-plain": (False, False, False, None, None, None),
 }
 KV_CACHE = {"int8-compiled-flowint8attn-kv8": "int8"}  # modes with a kv_cache option (default otherwise)
-SPECULATIVE = {"eager-spec": "int8", "eager-plain": None}  # modes with a speculative option (else the default)
+SPECULATIVE = {"eager-spec": "int8", "eager-plain": None, "bf16-plain": None}  # modes with a speculative option (else the default)
 STOP_SPEECH, START_SPEECH = 6562, 6561
 DEFAULT_REF_PYTHON = Path(os.environ.get("CHATTERBOX_FAST_ORACLE_DIR",
                                          Path.home() / ".cache/chatterbox-fast/oracle")) / "venv/bin/python"

@@ -135,7 +135,8 @@ def int16_activation_reference(x, w, s):
     return (q.double() @ w.double().t()) * sx.double() * s.double()
 
 
-@pytest.mark.parametrize("m,n,k", [(2, 8, 64), (2, 48, 1024), (3, 16, 128), (1, 8, 256), (64, 24, 192)])
+@pytest.mark.parametrize("m,n,k", [(2, 8, 64), (2, 48, 1024), (3, 16, 128), (1, 8, 256), (64, 24, 192),
+                                   (12, 16, 1024)])
 def test_int8_linear_packed_equals_row_major(ops, m, n, k):
     """The packed layout (quantize.pack_weight): bf16 weights give bit-identical results (same products, same
     summation order). int8 weights: in AVX-512 builds the int16-activation scheme, equal to its fp64 model to fp32
@@ -161,7 +162,11 @@ def test_int8_linear_packed_equals_row_major(ops, m, n, k):
     wb = torch.randn(n, k, generator=g).bfloat16()
     pb = pack_weight(wb)
     assert pb.shape == (n // 8, k // 32, 8, 32) and torch.equal(unpack_weight(pb), wb)
-    assert torch.equal(ops.bf16_linear_packed(x, pb), ops.bf16_linear(x, wb))
+    got_b = ops.bf16_linear_packed(x, pb)
+    assert torch.equal(got_b, ops.bf16_linear(x, wb))
+    if m > 2:  # the multi-row kernel (each weight line read once for all rows) computes each row as the pair path
+        for r in range(0, m - 1, 2):
+            assert torch.equal(got_b[r:r + 2], ops.bf16_linear_packed(x[r:r + 2].contiguous(), pb))
 
 
 def test_int8_linear_packed_without_vnni_is_bit_identical(ops, tmp_path):

@@ -1,10 +1,12 @@
 """Weight-only int8 (and bf16) for T3's decode-time linears (`quantize_t3(model, "int8" | "bf16")`), and the opt-in
-int8 GEMMs (int8 weights AND activations) of S3Gen's flow estimator on CPU (`quantize_s3gen`, `W8A8Linear`, at the
-end of this file; the engine's `s3gen_quantize="int8"`).
+int8 or bf16 GEMMs (weights AND activations) of S3Gen's flow estimator on CPU (`quantize_s3gen`, `W8A8Linear`,
+`Bf16GemmLinear`, at the end of this file; the engine's `s3gen_quantize="int8"` / `"bf16"`).
 
 "bf16" (`Bf16Linear`): the weights stored in bf16, the math in fp32 (our CPU kernel widens them in registers).
-Half the bytes of fp32, relative weight rounding 2^-9: what `use_mixed_precision=True` means on a CPU, where bf16
-activations would be slower (no native bf16 on most CPUs). The rest of this docstring is about int8.
+Half the bytes of fp32, relative weight rounding 2^-9: what `use_mixed_precision=True` means for T3 on a CPU (its
+decode reads weights; bf16 activations would buy nothing there). On CPUs with native bf16 (AMX / AVX512-BF16,
+`cpu_has_fast_bf16`) use_mixed_precision also runs S3Gen's flow estimator in bf16 (`quantize_s3gen(..., "bf16")`,
+`Bf16GemmLinear`: compute-bound GEMMs, where native bf16 pays). The rest of this docstring is about int8.
 
 Decoding one token reads every linear weight once, so on a CPU (and at batch 2 on a GPU) T3 is bound by weight
 bytes: int8 weights read 4x fewer bytes than fp32 (0.50 GB instead of 2.01 GB for the 30 layers).
