@@ -165,7 +165,11 @@ class OptimizedChatterboxTTS:
 
         reason = None if self.fused_decode else "T3 does not decode through the fused CPU step here"
         reason = reason or target_linears_supported(self.t3) or fused_step_unsupported(self.t3)
-        if reason is not None and mode == SPECULATIVE_AUTO:
+        qkv = self.t3.tfmr.layers[0].self_attn.qkv_proj
+        fp32 = type(qkv) is torch.nn.Linear and qkv.weight.dtype == torch.float32
+        # auto: fp32 T3 only. With bf16 weights the k-token check costs ~3-4 one-token steps on the 2-core machine
+        # measured (compute-bound), so speculating there was no faster (BENCHMARKS.md); "int8" still asks for it
+        if (reason is not None or not fp32) and mode == SPECULATIVE_AUTO:
             return None
         if reason is not None:
             raise ValueError(f"speculative={mode!r} needs fp32 or bf16-weight T3 decoding through the fused CPU step "
@@ -227,7 +231,8 @@ class OptimizedChatterboxTTS:
         or use_mixed_precision on a CPU); "fp32" / "bf16" force one; "int8" (CPU only, opt-in, CHANGES THE OUTPUT):
         one int8 per value with an fp32 scale per (head, position) row, a quarter of the bytes each decode step reads
         from the cache (what grows with the length of the generation; drift in BENCHMARKS.md).
-        speculative (does NOT change the output): "int8" (CPU, exact fp32 T3 only): an int8 copy of T3's layers
+        speculative (does NOT change the output): "int8" (CPU; fp32 T3, or bf16-weight T3 where it measured no
+        faster): an int8 copy of T3's layers
         (+0.5 GB) drafts a few tokens per round with the same sampling noise, and the fp32 model checks them all in
         one pass over its weights (generation/speculative.py): the same tokens as without it, bit for bit, in less
         time (BENCHMARKS.md); how many per round adapts to how often the draft agrees, down to none. "auto" (the

@@ -180,6 +180,9 @@ def test_speculative_needs_fp32_or_bf16_weight_t3_unless_auto(oracle_ckpt):
     assert q._speculative is None  # auto: off where it does not apply, silently
     from chatterbox_fast import kernels
 
-    if kernels.available() and kernels.isa() in ("avx512", "avx2"):  # bf16 weights (use_mixed_precision) speculate
+    if kernels.available() and kernels.isa() in ("avx512", "avx2"):  # bf16 weights: on request only
         b = OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, quantize="bf16")
+        assert b._speculative is None
+        b = OptimizedChatterboxTTS.from_local(oracle_ckpt, device="cpu", enable_watermark=False, quantize="bf16",
+                                              speculative="int8")
         assert b._speculative is not None and b._speculative.draft is not None
