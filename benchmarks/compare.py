@@ -78,7 +78,8 @@ MODES = {  # name -> (enable_compilation, use_mixed_precision, cuda_graphs, quan
     "eager-plain": (False, False, False, None, None, None),
 }
 KV_CACHE = {"int8-compiled-flowint8attn-kv8": "int8"}  # modes with a kv_cache option (default otherwise)
-SPECULATIVE = {"eager-spec": "int8", "eager-plain": None, "bf16-plain": None}  # modes with a speculative option (else the default)
+# modes with a speculative option (else the default)
+SPECULATIVE = {"eager-spec": "int8", "eager-plain": None, "bf16-plain": None}
 STOP_SPEECH, START_SPEECH = 6562, 6561
 DEFAULT_REF_PYTHON = Path(os.environ.get("CHATTERBOX_FAST_ORACLE_DIR",
                                          Path.home() / ".cache/chatterbox-fast/oracle")) / "venv/bin/python"
