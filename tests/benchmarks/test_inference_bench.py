@@ -161,8 +161,9 @@ def test_summary_and_table(capsys):
 
 def test_modes_parse():
     assert set(bench.MODES) == {f"{c}-{p}" for c in ("eager", "compiled") for p in ("fp32", "bf16", "int8")} | {
-        "compiled-int8-flowint8", "compiled-int8-flowint8attn", "eager-int8-kv8"}
+        "compiled-int8-flowint8", "compiled-int8-flowint8attn", "compiled-int8-flowbf16", "eager-int8-kv8"}
     assert bench.MODES["compiled-int8-flowint8attn"]["s3gen_quantize"] == "int8-attn"
+    assert bench.MODES["compiled-int8-flowbf16"]["s3gen_quantize"] == "bf16"
     assert bench.MODES["eager-int8-kv8"] == {"enable_compilation": False, "quantize": "int8", "kv_cache": "int8"}
     assert bench.MODES["compiled-int8"] == {"enable_compilation": True, "quantize": "int8"}
     with pytest.raises(SystemExit):
