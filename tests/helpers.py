@@ -79,3 +79,19 @@ def tiny_t3_as(fmt: str | None, kv_dtype=None):
 def kv_caches(model) -> list:
     """Every layer's k and v cache tensors, in order."""
     return [c for lay in model.tfmr.layers for c in (lay.self_attn.kv_cache.k_cache, lay.self_attn.kv_cache.v_cache)]
+
+
+def tiny_estimator(head_dim: int):
+    """A small S3Gen CFM estimator (64 channels, 1 down / 1 mid / 1 up stage of 1 transformer block, 2 heads of
+    `head_dim`), weights N(0, 0.2) under a fixed seed, in eval mode."""
+    import torch
+
+    from chatterbox_fast.models.s3gen.estimator import ConditionalDecoder, EstimatorConfig
+
+    cfg = EstimatorConfig(channels=64, n_blocks=1, num_mid_blocks=1, num_heads=2, head_dim=head_dim,
+                          time_embed_dim=64)
+    torch.manual_seed(0)
+    est = ConditionalDecoder(cfg)
+    for p in est.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return est.eval()

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from chatterbox_fast import kernels as cpu_kernels
 from chatterbox_fast import quantize as qz
-from chatterbox_fast.models.s3gen.estimator import BasicTransformerBlock, ConditionalDecoder, EstimatorConfig
+from chatterbox_fast.models.s3gen.estimator import BasicTransformerBlock
 from chatterbox_fast.quantize import W8A8Linear, quantize_rows_int8, quantize_s3gen
+
+from helpers import tiny_estimator
 
 
 def _ref_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,23 +144,13 @@ def test_w8a8_rejects_bad_input():
         mod(torch.randn(4, 15))
 
 
-def _tiny_estimator(head_dim: int) -> ConditionalDecoder:
-    cfg = EstimatorConfig(channels=64, n_blocks=1, num_mid_blocks=1, num_heads=2, head_dim=head_dim,
-                          time_embed_dim=64)
-    torch.manual_seed(0)
-    est = ConditionalDecoder(cfg)
-    for p in est.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return est.eval()
-
-
 @pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("head_dim", [16, 64])  # 64: our CPU attention kernel's head size (when built)
 def test_quantize_s3gen_estimator(head_dim, kernels, monkeypatch):
     cpu_kernels.load()
     if not kernels:  # the PyTorch fallbacks of the quantise / dequantise passes
         monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    est = _tiny_estimator(head_dim)
+    est = tiny_estimator(head_dim)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, 37, 320, generator=g)
     t_emb = est.embed_time(torch.rand(2, generator=g))
@@ -210,14 +202,14 @@ def test_quantize_s3gen_bad_args():
     with pytest.raises(TypeError, match="no estimator transformer blocks"):
         quantize_s3gen(torch.nn.Linear(2, 2), "int8")
     with pytest.raises(ValueError, match="needs a mode"):
-        quantize_s3gen(_tiny_estimator(16), None)
+        quantize_s3gen(tiny_estimator(16), None)
 
 
 def test_engine_s3gen_quantize_option(monkeypatch, tmp_path):
     import chatterbox_fast.engine as engine
     from chatterbox_fast.loading import Components
 
-    est = _tiny_estimator(16)
+    est = tiny_estimator(16)
     monkeypatch.setattr(engine, "load_components",
                         lambda *a, **k: Components(t3=None, s3gen=est, conditioner=None, tokenizer=None, conds=None))
     monkeypatch.setattr(engine.OptimizedChatterboxTTS, "__init__", lambda self, parts, *a, **k: None)
@@ -338,9 +330,9 @@ def test_int8_attention_bad_input():
 def test_quantize_s3gen_int8_attn_mode(monkeypatch):
     if not (cpu_kernels.load() and cpu_kernels.int8_attention_ready()):
         with pytest.raises(ValueError, match="AVX512-VNNI"):
-            quantize_s3gen(_tiny_estimator(64), "int8-attn")
+            quantize_s3gen(tiny_estimator(64), "int8-attn")
         return
-    est = _tiny_estimator(64)
+    est = tiny_estimator(64)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, 37, 320, generator=g)
     t_emb = est.embed_time(torch.rand(2, generator=g))
@@ -359,4 +351,4 @@ def test_quantize_s3gen_int8_attn_mode(monkeypatch):
     # no kernel: a clear error instead of a slow portable loop
     monkeypatch.setattr(cpu_kernels, "int8_attention_ready", lambda: False)
     with pytest.raises(ValueError, match="s3gen_quantize='int8-attn' needs a CPU with AVX512-VNNI"):
-        quantize_s3gen(_tiny_estimator(64), "int8-attn")
+        quantize_s3gen(tiny_estimator(64), "int8-attn")

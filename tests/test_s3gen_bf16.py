@@ -19,8 +19,10 @@ import torch.nn.functional as F
 
 from chatterbox_fast import kernels as cpu_kernels
 from chatterbox_fast import quantize as qz
-from chatterbox_fast.models.s3gen.estimator import BasicTransformerBlock, ConditionalDecoder, EstimatorConfig
+from chatterbox_fast.models.s3gen.estimator import BasicTransformerBlock
 from chatterbox_fast.quantize import Bf16GemmLinear, quantize_s3gen
+
+from helpers import tiny_estimator
 
 
 def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,16 +33,6 @@ def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 def _r(t: torch.Tensor) -> torch.Tensor:
     """Round to bf16, back to float64."""
     return t.to(torch.bfloat16).double()
-
-
-def _tiny_estimator(head_dim: int) -> ConditionalDecoder:
-    cfg = EstimatorConfig(channels=64, n_blocks=1, num_mid_blocks=1, num_heads=2, head_dim=head_dim,
-                          time_embed_dim=64)
-    torch.manual_seed(0)
-    est = ConditionalDecoder(cfg)
-    for p in est.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return est.eval()
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -111,7 +103,7 @@ def test_bf16_block_matches_model_of_scheme(kernels, monkeypatch):
     cpu_kernels.load()
     if not kernels:  # PyTorch LayerNorm instead of our fused pass
         monkeypatch.setattr(cpu_kernels, "elementwise_ready", lambda: False)
-    est = _tiny_estimator(64)
+    est = tiny_estimator(64)
     blk = next(m for m in est.modules() if isinstance(m, BasicTransformerBlock))
     x = torch.randn(2, 45, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -128,7 +120,7 @@ def test_bf16_block_matches_model_of_scheme(kernels, monkeypatch):
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_quantize_s3gen_bf16_estimator(head_dim):
     cpu_kernels.load()
-    est = _tiny_estimator(head_dim)
+    est = tiny_estimator(head_dim)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, 37, 320, generator=g)
     t_emb = est.embed_time(torch.rand(2, generator=g))
@@ -187,7 +179,7 @@ def _engine_with(monkeypatch, est):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_engine_mixed_precision_selects_bf16_flow_where_native(native, monkeypatch, tmp_path):
-    est = _tiny_estimator(16)
+    est = tiny_estimator(16)
     engine, t3_modes = _engine_with(monkeypatch, est)
     monkeypatch.setenv("CHATTERBOX_FAST_CPU_BF16", "1" if native else "0")
     blocks = [b for b in est.modules() if isinstance(b, BasicTransformerBlock)]
@@ -195,7 +187,7 @@ def test_engine_mixed_precision_selects_bf16_flow_where_native(native, monkeypat
     assert all((b.bf16 is not None) == native for b in blocks)
     assert t3_modes == (["bf16"] if cpu_kernels.available() else [])
     # an explicit s3gen_quantize wins over the mixed-precision default
-    est2 = _tiny_estimator(16)
+    est2 = tiny_estimator(16)
     engine, _ = _engine_with(monkeypatch, est2)
     engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", use_mixed_precision=True, s3gen_quantize="int8")
     assert all(b.int8 is not None and b.bf16 is None
@@ -203,7 +195,7 @@ def test_engine_mixed_precision_selects_bf16_flow_where_native(native, monkeypat
 
 
 def test_engine_s3gen_quantize_bf16(monkeypatch, tmp_path):
-    est = _tiny_estimator(16)
+    est = tiny_estimator(16)
     engine, t3_modes = _engine_with(monkeypatch, est)
     monkeypatch.setenv("CHATTERBOX_FAST_CPU_BF16", "1")
     engine.OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", s3gen_quantize="bf16")
@@ -276,7 +268,7 @@ def test_full_attention_bf16_rejects_bad_input():
 
 def test_bf16_estimator_amx_and_sdpa_agree(monkeypatch):
     _amx()
-    est = _tiny_estimator(64)
+    est = tiny_estimator(64)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, 70, 320, generator=g)
     t_emb = est.embed_time(torch.rand(2, generator=g))
