@@ -95,3 +95,14 @@ def tiny_estimator(head_dim: int):
     for p in est.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return est.eval()
+
+
+def estimator_case(head_dim: int, frames: int = 37):
+    """(tiny_estimator(head_dim), h (2, frames, 320), t_emb (2, 64)): the packed input and time embedding of one
+    estimator call, from a fixed seed."""
+    import torch
+
+    est = tiny_estimator(head_dim)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, frames, 320, generator=g)
+    return est, h, est.embed_time(torch.rand(2, generator=g))

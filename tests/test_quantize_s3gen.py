@@ -16,7 +16,7 @@ from chatterbox_fast import quantize as qz
 from chatterbox_fast.models.s3gen.estimator import BasicTransformerBlock
 from chatterbox_fast.quantize import W8A8Linear, quantize_rows_int8, quantize_s3gen
 
-from helpers import tiny_estimator
+from helpers import estimator_case, tiny_estimator
 
 
 def _ref_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,10 +150,7 @@ def test_quantize_s3gen_estimator(head_dim, kernels, monkeypatch):
     cpu_kernels.load()
     if not kernels:  # the PyTorch fallbacks of the quantise / dequantise passes
         monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    est = tiny_estimator(head_dim)
-    g = torch.Generator().manual_seed(3)
-    h = torch.randn(2, 37, 320, generator=g)
-    t_emb = est.embed_time(torch.rand(2, generator=g))
+    est, h, t_emb = estimator_case(head_dim)
     with torch.no_grad():
         want = est.forward_packed(h.clone(), t_emb)
     released = []
@@ -332,10 +329,7 @@ def test_quantize_s3gen_int8_attn_mode(monkeypatch):
         with pytest.raises(ValueError, match="AVX512-VNNI"):
             quantize_s3gen(tiny_estimator(64), "int8-attn")
         return
-    est = tiny_estimator(64)
-    g = torch.Generator().manual_seed(3)
-    h = torch.randn(2, 37, 320, generator=g)
-    t_emb = est.embed_time(torch.rand(2, generator=g))
+    est, h, t_emb = estimator_case(64)
     with torch.no_grad():
         exact = est.forward_packed(h.clone(), t_emb)
         quantize_s3gen(est, "int8")

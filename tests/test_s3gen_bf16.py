@@ -22,7 +22,7 @@ from chatterbox_fast import quantize as qz
 from chatterbox_fast.models.s3gen.estimator import BasicTransformerBlock
 from chatterbox_fast.quantize import Bf16GemmLinear, quantize_s3gen
 
-from helpers import tiny_estimator
+from helpers import estimator_case, tiny_estimator
 
 
 def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,10 +120,7 @@ def test_bf16_block_matches_model_of_scheme(kernels, monkeypatch):
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_quantize_s3gen_bf16_estimator(head_dim):
     cpu_kernels.load()
-    est = tiny_estimator(head_dim)
-    g = torch.Generator().manual_seed(3)
-    h = torch.randn(2, 37, 320, generator=g)
-    t_emb = est.embed_time(torch.rand(2, generator=g))
+    est, h, t_emb = estimator_case(head_dim)
     mask = torch.ones(2, 37, 1)
     mask[1, 30:] = 0
     with torch.no_grad():
@@ -268,10 +265,7 @@ def test_full_attention_bf16_rejects_bad_input():
 
 def test_bf16_estimator_amx_and_sdpa_agree(monkeypatch):
     _amx()
-    est = tiny_estimator(64)
-    g = torch.Generator().manual_seed(3)
-    h = torch.randn(2, 70, 320, generator=g)
-    t_emb = est.embed_time(torch.rand(2, generator=g))
+    est, h, t_emb = estimator_case(64, 70)
     with torch.no_grad():
         want = est.forward_packed(h.clone(), t_emb)
         quantize_s3gen(est, "bf16")
