@@ -235,8 +235,8 @@ class SpeculativeDecoder:
 
     Needs the fused CPU step for `model` (fp32 or bf16-weight layer linears, fused projections, AVX-512 / AVX2
     kernels): `target_linears_supported` and `fused.fused_step_unsupported` say why not otherwise. With bf16 weights
-    (use_mixed_precision on a CPU) the output is that of the bf16-weight plain loop, bit for bit. Holds the draft (~0.5 GB) and its own KV cache (bf16);
-    `release_caches()` frees both models' caches."""
+    (use_mixed_precision on a CPU) the output is that of the bf16-weight plain loop, bit for bit. Holds the draft
+    (~0.5 GB) and its own KV cache (bf16); `release_caches()` frees both models' caches."""
 
     def __init__(self, model: T3, target_step: FusedDecodeStep | None = None,
                  draft_tokens: int = DEFAULT_DRAFT_TOKENS, adaptive: bool = True):

@@ -321,7 +321,6 @@ class BasicTransformerBlock(nn.Module):
         q8["ff2"].forward_acc_(y, torch.ops.aten.gelu_(h))
         return x
 
-
     def _forward_bf16_(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         """`forward_` with the bf16 GEMMs of `self.bf16`: LayerNorm in fp32, its output rounded to bf16 for the
         GEMMs, attention on the bf16 q / k / v (our AMX kernel `full_attention_bf16` where it runs, else SDPA: fp32
@@ -338,7 +337,8 @@ class BasicTransformerBlock(nn.Module):
         else:
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, hd) views
             bias = None if attn_bias is None else attn_bias.to(torch.bfloat16)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).transpose(1, 2).reshape(b * t, -1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # (B, H, T, hd)
+            o = o.transpose(1, 2).reshape(b * t, -1)
         lin["out"].forward_acc_(y, o, bias=False)  # its bias: added in the norm below
         g = lin["ff1"](_layer_norm(y, self.norm3, lin["out"].bias))  # (B*T, ff inner) bf16
         lin["ff2"].forward_acc_(y, torch.ops.aten.gelu_(g))
