@@ -1877,22 +1877,18 @@ __attribute__((target("amx-tile,amx-bf16,avx512bf16"))) void attend_head_amx(con
       _tile_zero(4);
       _tile_zero(5);
       _tile_zero(6);
-      _tile_loadd(3, kt, 64);  // dims 0-31 of keys kb * 16 ..
-      _tile_dpbf16ps(0, 1, 3);
-      _tile_loadd(7, kt + 256, 64);  // dims 32-63
-      _tile_dpbf16ps(0, 2, 7);
-      _tile_loadd(3, kt + 512, 64);
-      _tile_dpbf16ps(4, 1, 3);
-      _tile_loadd(7, kt + 768, 64);
-      _tile_dpbf16ps(4, 2, 7);
-      _tile_loadd(3, kt + 1024, 64);
-      _tile_dpbf16ps(5, 1, 3);
-      _tile_loadd(7, kt + 1280, 64);
-      _tile_dpbf16ps(5, 2, 7);
-      _tile_loadd(3, kt + 1536, 64);
-      _tile_dpbf16ps(6, 1, 3);
-      _tile_loadd(7, kt + 1792, 64);
-      _tile_dpbf16ps(6, 2, 7);
+// C += scores of the queries (tiles 1, 2: dims 0-31, 32-63) against the 16 keys of K tiles at kt + off
+// (tile numbers must be literals: the intrinsics are macros that paste them into the instruction)
+#define CBF_QK(C, off)                   \
+  _tile_loadd(3, kt + (off), 64);        \
+  _tile_dpbf16ps(C, 1, 3);               \
+  _tile_loadd(7, kt + (off) + 256, 64);  \
+  _tile_dpbf16ps(C, 2, 7)
+      CBF_QK(0, 0);
+      CBF_QK(4, 512);
+      CBF_QK(5, 1024);
+      CBF_QK(6, 1536);
+#undef CBF_QK
       _tile_stored(0, s + kb * 16, T64 * 4);
       _tile_stored(4, s + kb * 16 + 16, T64 * 4);
       _tile_stored(5, s + kb * 16 + 32, T64 * 4);
@@ -1929,24 +1925,20 @@ __attribute__((target("amx-tile,amx-bf16,avx512bf16"))) void attend_head_amx(con
     _tile_zero(7);
     for (int64_t kb = 0; kb < nkp; kb += 2) {  // P tiles 0 and 1 and V tiles 2 and 3 alternate
       const uint32_t* vt = vp + kb * 1024;
-      _tile_loadd(0, p + kb * 32, T64 * 2);  // P: 16 queries x 32 keys
-      _tile_loadd(2, vt, 64);
-      _tile_dpbf16ps(4, 0, 2);
-      _tile_loadd(3, vt + 256, 64);
-      _tile_dpbf16ps(5, 0, 3);
-      _tile_loadd(2, vt + 512, 64);
-      _tile_dpbf16ps(6, 0, 2);
-      _tile_loadd(3, vt + 768, 64);
-      _tile_dpbf16ps(7, 0, 3);
-      _tile_loadd(1, p + kb * 32 + 32, T64 * 2);
-      _tile_loadd(2, vt + 1024, 64);
-      _tile_dpbf16ps(4, 1, 2);
-      _tile_loadd(3, vt + 1280, 64);
-      _tile_dpbf16ps(5, 1, 3);
-      _tile_loadd(2, vt + 1536, 64);
-      _tile_dpbf16ps(6, 1, 2);
-      _tile_loadd(3, vt + 1792, 64);
-      _tile_dpbf16ps(7, 1, 3);
+// O (tiles 4-7: dims 0-15, .., 48-63) += P (tile A: 16 queries x 32 keys at column c) V (4 tiles at vt + off)
+#define CBF_PV(A, c, off)                 \
+  _tile_loadd(A, p + (c), T64 * 2);       \
+  _tile_loadd(2, vt + (off), 64);         \
+  _tile_dpbf16ps(4, A, 2);                \
+  _tile_loadd(3, vt + (off) + 256, 64);   \
+  _tile_dpbf16ps(5, A, 3);                \
+  _tile_loadd(2, vt + (off) + 512, 64);   \
+  _tile_dpbf16ps(6, A, 2);                \
+  _tile_loadd(3, vt + (off) + 768, 64);   \
+  _tile_dpbf16ps(7, A, 3)
+      CBF_PV(0, kb * 32, 0);
+      CBF_PV(1, kb * 32 + 32, 1024);
+#undef CBF_PV
     }
     _tile_stored(4, o, D * 4);
     _tile_stored(5, o + 16, D * 4);
