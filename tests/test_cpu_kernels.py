@@ -682,3 +682,19 @@ def test_other_isa_builds_match_fp64(isa, tmp_path):
         x = torch.randn(2, 37, 3, 2, 64, generator=torch.Generator().manual_seed(7))
         here = torch.ops.chatterbox_fast.full_attention_int8(x[:, :, 0], x[:, :, 1], x[:, :, 2], 0.125)
         assert torch.equal(torch.load(tmp_path / "int8_attention.pt"), here)
+
+
+@pytest.mark.parametrize("m,n,k", [(12, 16, 1024), (5, 20, 100), (16, 8, 48), (3, 13, 31)])
+def test_bf16_linear_rows_equal_pairs(ops, m, n, k):
+    """The multi-row kernel (M > 2: every weight line read once for all rows; a full block of 8 channels ends with
+    one transposed 8-way reduction) gives each row bit for bit what the pair path gives it, with and without a
+    partial block or a scalar K tail."""
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    got = ops.bf16_linear(x, w)
+    assert got.shape == (m, n)
+    for r in range(0, m, 2):
+        rows = x[r:r + 2].contiguous()
+        assert torch.equal(got[r:r + rows.shape[0]], ops.bf16_linear(rows, w))
+    assert torch.allclose(got.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
