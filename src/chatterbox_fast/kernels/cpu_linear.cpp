@@ -424,6 +424,22 @@ void tile_rows_any(int R, const float* const* xr, const typename W::T* w, int64_
 }
 #endif
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// y[m][n0 + j] = reduce_add(acc[m * NB + j]) * scale[n0 + j] (scale may be null) for j < NB, m < M: a full block of
+// the multi-row linears; AVX-512 reduces its 8 channels at once (reduce_add8, the same sums)
+inline void store_block(const Isa::V* acc, int64_t M, const float* scale, float* y, int64_t N, int64_t n0) {
+  for (int64_t m = 0; m < M; ++m) {
+    float sums[NB];
+#if defined(__AVX512F__)
+    Isa::reduce_add8(acc + m * NB, sums);
+#else
+    for (int64_t j = 0; j < NB; ++j) sums[j] = Isa::reduce_add(acc[m * NB + j]);
+#endif
+    for (int64_t j = 0; j < NB; ++j) y[m * N + n0 + j] = sums[j] * (scale ? scale[n0 + j] : 1.f);
+  }
+}
+#endif
+
 // linear_kernel for M > 2 (see above)
 template <class W>
 void linear_kernel_rows(const float* x, const typename W::T* w, const float* scale, float* y, int64_t M, int64_t N,
@@ -453,14 +469,8 @@ void linear_kernel_rows(const float* x, const typename W::T* w, const float* sca
         }
       }
       k = Kv;
-#endif
-#if defined(__AVX512F__)
-      if (nb == NB && k == K) {  // a full block without a scalar tail: 8 reductions at a time
-        for (int64_t m = 0; m < M; ++m) {
-          float sums[NB];
-          Isa::reduce_add8(acc.data() + m * NB, sums);
-          for (int64_t j = 0; j < NB; ++j) y[m * N + n0 + j] = sums[j] * (scale ? scale[n0 + j] : 1.f);
-        }
+      if (nb == NB && k == K) {  // a full block without a scalar tail
+        store_block(acc.data(), M, scale, y, N, n0);
         continue;
       }
 #endif
@@ -624,15 +634,7 @@ void linear_kernel_packed_rows(const float* x, const typename W::T* w, const flo
             tile_rows_any<F32Weight>(R, xr, buf + j0 * KPC, KPC, 0, kc, NR, acc.data() + m0 * NB + j0, false);
         }
       }
-      for (int64_t m = 0; m < M; ++m) {
-        float sums[NB];
-#if defined(__AVX512F__)
-        Isa::reduce_add8(acc.data() + m * NB, sums);
-#else
-        for (int64_t j = 0; j < NB; ++j) sums[j] = Isa::reduce_add(acc[m * NB + j]);
-#endif
-        for (int64_t j = 0; j < NB; ++j) y[m * N + b * NB + j] = sums[j] * (scale ? scale[b * NB + j] : 1.f);
-      }
+      store_block(acc.data(), M, scale, y, N, b * NB);
     }
   });
 }
