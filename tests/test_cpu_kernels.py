@@ -427,6 +427,62 @@ def test_bias_gelu_matches_fp64(ops, n):
     torch.testing.assert_close(y.double(), F.gelu(y0.double() + bias.double()), rtol=0, atol=2e-6)
 
 
+def _snake_fp64(x, alpha):
+    """HiFT's Snake in fp64 on the fp32 argument alpha * x (as the kernel rounds it), the reference's formula."""
+    t = (x * alpha[None, :, None]).double()  # fp32 product, then fp64
+    inv = (1.0 / (alpha + 1e-9)).double()[None, :, None]  # fp32, as the reference computes it
+    return x.double() + torch.sin(t) ** 2 * inv
+
+
+@pytest.mark.parametrize("c", [64, 7, 1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_snake_matches_fp64(ops, c, channels_last):
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(2, c, 301, generator=g) * 5
+    x[0, :, :40] *= 400  # large |alpha x|: many periods of the Cody-Waite reduction
+    x[1, 0, 5] = 3e4  # beyond the vector path (std::sin for that vector)
+    x[1, -1, 7] = 0.0
+    alpha = torch.rand(c, generator=g) * 2 + 0.05
+    if channels_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, C, T) over (B, T, C) memory, as HiFT's convs give
+    y = ops.snake(x, alpha)
+    assert y.shape == x.shape and y.stride() == x.stride()
+    ref = _snake_fp64(x, alpha)
+    tol = 1e-6 * (x.double().abs() + (1.0 / alpha.double())[None, :, None]) + 1e-7
+    assert bool(((y.double() - ref).abs() <= tol).all()), float(((y.double() - ref).abs() / tol).max())
+
+
+def test_snake_in_hift_with_and_without_the_kernel(ops, monkeypatch):
+    """A Snake module on a channels-last activation: the kernel (the CPU default) against ATen's four passes, and
+    the kernel is really called (so the comparison can fail)."""
+    from chatterbox_fast.models.s3gen import hift as hift_mod
+
+    act = hift_mod.Snake(32)
+    with torch.no_grad():
+        act.alpha.uniform_(0.2, 2.0)
+    x = (torch.randn(1, 500, 32) * 3).transpose(1, 2)  # channels-last (B, C, T)
+    calls = {"snake": 0}
+    _count_calls(monkeypatch, hift_mod, "snake", calls)
+    with torch.inference_mode():
+        ours = act(x)
+        assert calls == {"snake": 1}
+        monkeypatch.setattr(kernels, "elementwise_ready", lambda: False)
+        aten = act(x)
+    assert calls == {"snake": 1}
+    torch.testing.assert_close(ours, aten, rtol=0, atol=2e-6 * aten.abs().max().item())
+
+
+def test_snake_bad_inputs(ops):
+    with pytest.raises(RuntimeError, match=r"x must be a \(B, C, T\) float32"):
+        ops.snake(torch.zeros(2, 4, 8).double(), torch.ones(4))
+    with pytest.raises(RuntimeError, match=r"x must be a \(B, C, T\) float32"):
+        ops.snake(torch.zeros(4, 8), torch.ones(4))
+    with pytest.raises(RuntimeError, match=r"alpha must be a contiguous \(4,\)"):
+        ops.snake(torch.zeros(2, 4, 8), torch.ones(5))
+    with pytest.raises(RuntimeError, match="contiguous or channels-last"):
+        ops.snake(torch.zeros(2, 8, 4).transpose(0, 2), torch.ones(8))
+
+
 def test_elementwise_bad_inputs(ops):
     x, w = torch.zeros(4, 8), torch.ones(8)
     with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
@@ -584,6 +640,12 @@ def test_other_isa_builds_match_fp64(isa, tmp_path):
                 ref = torch.nn.functional.layer_norm(x.double() + a.double(), (c,), w.double(), b.double(), 1e-5)
                 ref = torch.nn.functional.mish(ref) if mish else ref
                 assert float((y - ref).abs().max()) < 1e-5, (kernels.isa(), c, mish)
+            xs = (x * 40).reshape(1, 5, c).transpose(1, 2)  # HiFT's Snake: channels-last and contiguous
+            for xx in (xs, xs.contiguous()):
+                ys = torch.ops.chatterbox_fast.snake(xx, b.abs() + 0.1)
+                t = (xx * (b.abs() + 0.1)[None, :, None]).double()
+                ref = xx.double() + torch.sin(t) ** 2 / (b.abs() + 0.1 + 1e-9).double()[None, :, None]
+                assert float((ys.double() - ref).abs().max()) < 1e-4, (kernels.isa(), c)
             y = x.clone()
             torch.ops.chatterbox_fast.bias_gelu_(y, b)
             ref = torch.nn.functional.gelu(x.double() + b.double())

@@ -41,6 +41,9 @@ them in one graph as extern calls; fake implementations below give their output 
   the last dim of x + add (add, when given, is written into x first: a GEMM's pending bias), then Mish if `mish`;
   `bias_gelu_(y (..., N), bias (N,))`: y = gelu(y + bias) in place, exact (erf) GELU. The estimator's elementwise
   passes in one pass each (fp32; they differ from ATen by float rounding, as ATen's own kernels differ by ISA).
+- `torch.ops.chatterbox_fast.snake(x (B, C, T) f32, alpha (C,)) -> y`: HiFT's Snake, x + sin^2(alpha x) / (alpha +
+  1e-9), in one pass over contiguous or channels-last x (y in x's layout); a vectorised sin (Cody-Waite + Cephes,
+  ~1 ulp), std::sin for |alpha x| >= 8192.
 - `torch.ops.chatterbox_fast.read_probe(x (n,) f32, streams) -> () f64`: the sum of x, each thread reading its share as
   `streams` interleaved streams (benchmarks/common.py's multi-stream read-bandwidth probe).
 - `torch.ops.chatterbox_fast.decode_layers(x (B, D) or (T, B, D), weights, scales, norms, k_caches, v_caches,
@@ -208,6 +211,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("chatterbox_fast::bias_gelu_")
     def _bias_gelu_fake(y, bias):
         return None
+
+    @torch.library.register_fake("chatterbox_fast::snake")
+    def _snake_fake(x, alpha):
+        return x.new_empty_strided(x.shape, x.stride())
 
     @torch.library.register_fake("chatterbox_fast::decode_layers")
     def _decode_layers_fake(x, weights, scales, norms, k_caches, v_caches, kv_scales, rope, input_pos, eps):

@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
@@ -2394,6 +2395,63 @@ void bias_gelu_row(float* y, const float* bias, int64_t N) {
 #endif
   for (; n < N; ++n) y[n] = gelu_1(y[n] + bias[n]);
 }
+
+// HiFT's Snake, x + sin^2(alpha x) / (alpha + 1e-9), in the reference's order of operations: t = x * alpha,
+// s = sin(t), s * s, times inv = 1 / (alpha + 1e-9), plus x. Only sin differs from ATen's (~1 ulp either way).
+constexpr float kSinExact = 8192.f;  // |t| below this: the vector sin below; above, std::sin (never seen in HiFT)
+#if defined(__AVX512F__) || defined(__AVX2__)
+// sin(t)^2 for |t| < kSinExact: t = j pi/2 + r (Cody-Waite, pi/2 in three parts, exact products for |j| < 2^13),
+// then Cephes' sinf / cosf polynomials on |r| <= pi/4 (~1 ulp); sin^2 t = sin^2 r for even j, cos^2 r for odd j
+inline Isa::V sin_sq_v(Isa::V t) {
+  using V = Isa::V;
+  const V j = Isa::round(Isa::mul(t, Isa::set1(0.636619772367581343f)));
+  V r = Isa::fma(j, Isa::set1(-1.5703125f), t);
+  r = Isa::fma(j, Isa::set1(-4.837512969970703125e-4f), r);
+  r = Isa::fma(j, Isa::set1(-7.54978995489188216e-8f), r);
+  const V r2 = Isa::mul(r, r);
+  V s = Isa::fma(Isa::set1(-1.9515295891e-4f), r2, Isa::set1(8.3321608736e-3f));
+  s = Isa::fma(s, r2, Isa::set1(-1.6666654611e-1f));
+  s = Isa::fma(Isa::mul(s, r2), r, r);
+  V c = Isa::fma(Isa::set1(2.443315711809948e-5f), r2, Isa::set1(-1.388731625493765e-3f));
+  c = Isa::fma(c, r2, Isa::set1(4.166664568298827e-2f));
+  c = Isa::fma(Isa::mul(c, r2), r2, Isa::fma(Isa::set1(-0.5f), r2, Isa::set1(1.f)));
+  // j's parity: j - 2 round(j / 2 - 1/4) is 0 or 1
+  const V odd = Isa::sub(j, Isa::mul(Isa::set1(2.f), Isa::round(Isa::fma(j, Isa::set1(0.5f), Isa::set1(-0.25f)))));
+  return Isa::select_nonneg(Isa::sub(odd, Isa::set1(0.5f)), Isa::mul(c, c), Isa::mul(s, s));
+}
+#endif
+
+inline float snake_1(float x, float a, float inv) {
+  const float s = std::sin(x * a);
+  return s * s * inv + x;
+}
+
+// y[i] = snake(x[i]) for n elements of one channel (alpha a, inv = 1 / (a + 1e-9)): the (B, C, T) layout's rows
+void snake_row_scalar_alpha(const float* x, float a, float inv, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const Isa::V av = Isa::set1(a), iv = Isa::set1(inv);
+  for (; i + Isa::L <= n; i += Isa::L) {
+    const Isa::V xv = Isa::load(x + i), t = Isa::mul(xv, av);
+    if (Isa::reduce_max(Isa::abs(t)) >= kSinExact) break;  // rare: the rest of the row the slow way
+    Isa::store(y + i, Isa::add(Isa::mul(sin_sq_v(t), iv), xv));
+  }
+#endif
+  for (; i < n; ++i) y[i] = snake_1(x[i], a, inv);
+}
+
+// y[c] = snake(x[c]) for the C channels of one time step (alpha a[c], inv[c]): the channels-last layout's rows
+void snake_row_vector_alpha(const float* x, const float* a, const float* inv, float* y, int64_t C) {
+  int64_t c = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (; c + Isa::L <= C; c += Isa::L) {
+    const Isa::V xv = Isa::load(x + c), t = Isa::mul(xv, Isa::load(a + c));
+    if (Isa::reduce_max(Isa::abs(t)) >= kSinExact) break;
+    Isa::store(y + c, Isa::add(Isa::mul(sin_sq_v(t), Isa::load(inv + c)), xv));
+  }
+#endif
+  for (; c < C; ++c) y[c] = snake_1(x[c], a[c], inv[c]);
+}
 }  // namespace ew
 
 void check_rows(const at::Tensor& x, const char* op) {
@@ -2446,6 +2504,35 @@ void bias_gelu_(at::Tensor& y, const at::Tensor& bias) {
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) ew::bias_gelu_row(yp + m * N, bp, N);
   });
+}
+
+// HiFT's Snake activation of x (B, C, T), alpha (C,): x + sin^2(alpha x) / (alpha + 1e-9), one pass, a new tensor
+// in x's memory layout: contiguous (B, C, T) or channels-last (B, C, T) memory, i.e. strides (T C, 1, C), which is
+// what the vocoder's channels-last convolutions produce
+at::Tensor snake(const at::Tensor& x, const at::Tensor& alpha) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3, "snake: x must be a (B, C, T) "
+              "float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t B = x.size(0), C = x.size(1), T = x.size(2);
+  check_vec(alpha, C, "alpha", "snake");
+  const bool rows_c = x.stride(1) == 1 && x.stride(2) == C && x.stride(0) == C * T;  // channels-last memory
+  TORCH_CHECK(rows_c || x.is_contiguous(), "snake: x must be contiguous or channels-last (strides (T C, 1, C)), got "
+              "strides ", x.strides());
+  at::Tensor y = at::empty_strided(x.sizes(), x.strides(), x.options());
+  const float* a = alpha.data_ptr<float>();
+  std::vector<float> inv(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) inv[c] = 1.f / (a[c] + 1e-9f);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (rows_c) {
+    at::parallel_for(0, B * T, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) ew::snake_row_vector_alpha(xp + r * C, a, inv.data(), yp + r * C, C);
+    });
+  } else {
+    at::parallel_for(0, B * C, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) ew::snake_row_scalar_alpha(xp + r * T, a[r % C], inv[r % C], yp + r * T, T);
+    });
+  }
+  return y;
 }
 
 const char* isa() {
@@ -2509,6 +2596,7 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("dequant_rows_acc_(Tensor(a!) y, Tensor acc, Tensor sx, Tensor sw, Tensor? bias) -> ()");
   m.def("layer_norm_fused(Tensor(a!) x, Tensor? add, Tensor weight, Tensor bias, float eps, bool mish) -> Tensor");
   m.def("bias_gelu_(Tensor(a!) y, Tensor bias) -> ()");
+  m.def("snake(Tensor x, Tensor alpha) -> Tensor");
   m.def("read_probe(Tensor x, int streams) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] norms, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, Tensor(c!)[] kv_scales, Tensor rope, Tensor input_pos, float eps) -> Tensor");
@@ -2530,6 +2618,7 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("decode_layers", &decode_layers);
   m.impl("layer_norm_fused", &layer_norm_fused);
   m.impl("bias_gelu_", &bias_gelu_);
+  m.impl("snake", &snake);
 }
 
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.

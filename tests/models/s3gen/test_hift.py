@@ -363,9 +363,13 @@ def test_source_depends_on_f0_and_phases():
     assert math.isfinite(s1.abs().sum().item())
 
 
-def test_inplace_snake_is_bit_identical_to_the_reference_formula():
+def test_inplace_snake_is_bit_identical_to_the_reference_formula(monkeypatch):
+    """ATen's in-place inference path (where our fused kernel does not run) sums exactly as the reference's formula;
+    the kernel itself (a vectorised sin, ~1 ulp) is checked against fp64 in tests/test_cpu_kernels.py."""
+    from chatterbox_fast import kernels
     from chatterbox_fast.models.s3gen.hift import Snake
 
+    monkeypatch.setattr(kernels, "elementwise_ready", lambda: False)
     torch.manual_seed(0)
     act = Snake(16)
     with torch.no_grad():
