@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,9 @@ import torch
 from torch import Tensor
 
 from . import kernels as cpu_kernels
-from .conditioning import Conditionals
+from .conditioning import Conditionals, T3Cond
 from .constants import REPO_ID, S3GEN_SR
-from .generation.decode import clean_speech_tokens, generate_tokens
+from .generation.decode import PrefixKV, clean_speech_tokens, generate_tokens
 from .generation.sampling import SamplingParams
 from .loading import Components, download_checkpoint, load_components
 from .memory import release_file_pages
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 WARM_POSITIONS = 1100  # KV-cache positions allocated at warm-up: conditioning 34 + text + 1000 new tokens
 MAX_CFM_STEPS = 100  # upper bound accepted for generate(cfm_steps=...)
 SPECULATIVE_MODES = ("int8",)  # from_local(speculative=...): the draft's weight format
+VOICE_PREFIXES = 4  # voices whose T3 prefix (decode.PrefixKV, 8 MB each in fp32) stay cached
 SPECULATIVE_AUTO = "auto"  # the default: "int8" wherever it applies (exact fp32 T3 through the fused CPU step)
 
 
@@ -132,6 +134,7 @@ class OptimizedChatterboxTTS:
         self.conditioner = parts.conditioner
         self.tokenizer = parts.tokenizer
         self.conds: Conditionals | None = parts.conds
+        self._prefixes: OrderedDict = OrderedDict()  # _voice_prefix: voice -> (its tensors, PrefixKV)
         self.device = device
         self.enable_compilation = enable_compilation
         self.use_mixed_precision = use_mixed_precision
@@ -398,12 +401,14 @@ class OptimizedChatterboxTTS:
         cond = t3.cond_embeds(c.speaker_emb.to(dt), c.prompt_tokens,
                               torch.tensor([c.exaggeration], device=self.device, dtype=dt))
         x = t3.prefill_embeds(cond, text_ids.to(self.device), cfg_batch=params.use_cfg)
+        prefix = self._voice_prefix(c, cond.shape[1] - 1)  # all but the emotion token: the same for every request
         progress = _Progress(params.max_new_tokens) if verbose else None
         try:
             if self._speculative is not None:
-                raw = self._speculative.generate(x, params, generator=generator, on_token=progress)
+                raw = self._speculative.generate(x, params, generator=generator, on_token=progress, prefix=prefix)
             else:
-                raw = generate_tokens(t3, x, params, generator=generator, step_fn=self._step_fn, on_token=progress)
+                raw = generate_tokens(t3, x, params, generator=generator, step_fn=self._step_fn, on_token=progress,
+                                      prefix=prefix)
         finally:
             self._release_kv_cache()
         if progress is not None:
@@ -419,6 +424,21 @@ class OptimizedChatterboxTTS:
         """The last generation's speculative decoding counts (tokens, rounds, drafted, accepted, k_rounds: rounds
         per k), or None when speculative decoding is off. How often the draft agrees decides its speed-up."""
         return None if self._speculative is None else dict(self._speculative.last_stats)
+
+    def _voice_prefix(self, c: T3Cond, length: int) -> PrefixKV:
+        """The voice's T3 prefix (decode.PrefixKV: its KV-cache slots, computed by the first request in this voice
+        and restored by the next ones), for the last VOICE_PREFIXES voices used. Keyed by the voice's tensors; the
+        PrefixKV itself checks the embeddings, so a voice edited in place is recomputed, never reused stale."""
+        key = (id(c.speaker_emb), id(c.prompt_tokens), length)
+        hit = self._prefixes.get(key)
+        if hit is not None and hit[0] is c.speaker_emb and hit[1] is c.prompt_tokens:
+            self._prefixes.move_to_end(key)
+            return hit[2]
+        prefix = PrefixKV(length)
+        self._prefixes[key] = (c.speaker_emb, c.prompt_tokens, prefix)  # the tensors kept: their ids stay unique
+        while len(self._prefixes) > VOICE_PREFIXES:
+            self._prefixes.popitem(last=False)
+        return prefix
 
     def _release_kv_cache(self) -> None:
         """CPU: free T3's KV cache while S3Gen runs and between requests (peak RSS: the cache and the vocoder's

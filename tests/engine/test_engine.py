@@ -64,7 +64,9 @@ def test_generate_is_reproducible_with_a_seed(tts, oracle_ckpt):
     a = tts.generate("Seeded run.", max_new_tokens=8, seed=11)
     b = tts.generate("Seeded run.", max_new_tokens=8, seed=11)
     assert a.dtype == torch.float32 and a.dim() == 2 and a.shape[0] == 1
-    assert torch.equal(a, b)
+    assert torch.equal(a, b)  # the second run restored the voice's T3 prefix the first one computed
+    mine = [v[2] for v in tts._prefixes.values() if v[0] is tts.conds.t3.speaker_emb]
+    assert len(mine) == 1 and mine[0].length == 33 and mine[0].slots is not None
     # cfg_weight=0 (which crashes the reference) works
     c = tts.generate("No guidance.", cfg_weight=0.0, max_new_tokens=8, seed=1)
     assert c.shape[0] == 1

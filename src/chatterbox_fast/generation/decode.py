@@ -52,10 +52,73 @@ def ensure_caches(model: T3, batch: int, n: int) -> None:
         model.setup_caches(batch, model.max_seq)
 
 
-def prefill(model: T3, x: Tensor) -> Tensor:
-    """x (B, S, D) prefill embeddings -> raw speech logits at the last position (B, V), fp32."""
-    input_pos = torch.arange(x.shape[1], device=x.device)
-    h = model.forward_hidden(x, input_pos)
+class PrefixKV:
+    """The KV-cache slots [0, length) of a prefix that every row of the prefill shares, computed once and restored
+    into the cache by later prefills (`prefill(..., prefix=)`): T3's voice conditioning without its last token
+    (the speaker embedding and the 32 perceiver outputs depend on the voice only; the emotion token after them on
+    `exaggeration`, so it stays in the per-request part). The CFG rows share it too, so even its first use runs the
+    prefix once for both rows. Holds the prefix embeddings it was computed from and refuses others.
+
+    Memory: 2 x layers x length x D values in the cache's dtype (T3, fp32: 30 x 2 x 33 x 1024 x 4 B = 8 MB)."""
+
+    def __init__(self, length: int):
+        if length < 1:
+            raise ValueError(f"PrefixKV: length must be >= 1, got {length}")
+        self.length = length
+        self.embeds: Tensor | None = None  # (length, D): the embeddings the slots were computed from
+        self.slots: list[tuple[Tensor, ...]] | None = None  # per layer: k, v (1, H, length, hd)[, k / v scales]
+
+    def _usable(self, model: T3, embeds: Tensor) -> bool:
+        if self.slots is None or not torch.equal(self.embeds, embeds):
+            return False
+        cache = model.tfmr.layers[0].self_attn.kv_cache
+        return self.slots[0][0].dtype == cache.k_cache.dtype and self.slots[0][0].device == cache.k_cache.device
+
+    def _fill(self, model: T3, embeds: Tensor) -> None:
+        """Run the prefix (batch 1: every row's cache slots get the result) and keep a copy of its slots."""
+        P = self.length
+        model.forward_hidden(embeds[None], torch.arange(P, device=embeds.device))
+        slots = []
+        for layer in model.tfmr.layers:
+            c = layer.self_attn.kv_cache
+            parts = (c.k_cache, c.v_cache) + ((c.k_scale, c.v_scale) if c.quantized else ())
+            slots.append(tuple(t[:1, :, :P].clone() for t in parts))
+        self.embeds, self.slots = embeds.clone(), slots
+
+    def _restore(self, model: T3) -> None:
+        P = self.length
+        for layer, saved in zip(model.tfmr.layers, self.slots):
+            c = layer.self_attn.kv_cache
+            parts = (c.k_cache, c.v_cache) + ((c.k_scale, c.v_scale) if c.quantized else ())
+            for t, s in zip(parts, saved):
+                t[:, :, :P].copy_(s)  # (1, ...) -> every row
+
+    def load_into(self, model: T3, x: Tensor) -> None:
+        """Make the cache slots [0, length) of every row hold the prefix of x (B, S, D), whose rows must all
+        start with the same `length` embeddings: restored when this prefix was computed before, else computed."""
+        P = self.length
+        if x.shape[1] <= P:
+            raise ValueError(f"PrefixKV: the prefill ({x.shape[1]} positions) must extend past the prefix ({P})")
+        embeds = x[0, :P]
+        if any(not torch.equal(x[b, :P], embeds) for b in range(1, x.shape[0])):
+            raise ValueError("PrefixKV: the rows of the prefill do not share the prefix")
+        if self._usable(model, embeds):
+            self._restore(model)
+        else:
+            self._fill(model, embeds)
+
+
+def prefill(model: T3, x: Tensor, prefix: PrefixKV | None = None) -> Tensor:
+    """x (B, S, D) prefill embeddings -> raw speech logits at the last position (B, V), fp32. With `prefix`, the
+    first prefix.length positions come from it (restored, or computed once for all rows) and only the rest runs
+    here, attending to them through the cache."""
+    S = x.shape[1]
+    if prefix is None:
+        h = model.forward_hidden(x, torch.arange(S, device=x.device))
+    else:
+        prefix.load_into(model, x)
+        P = prefix.length
+        h = model.forward_hidden(x[:, P:], torch.arange(P, S, device=x.device), kv_len=S)
     return model.speech_logits(h[:, -1])
 
 
@@ -104,11 +167,12 @@ def generate_tokens(
     eos_check_every: int | None = None,
     step_fn: Callable | None = None,
     on_token: Callable[[int, Tensor], None] | None = None,
+    prefix: PrefixKV | None = None,
 ) -> Tensor:
     """Sample speech tokens after the prefill embeddings `prefill_x` (B, S, D).
 
     Returns the raw tokens (1, n) as the reference's `predicted`: up to and including the first EOS, or
-    max_new_tokens long. `step_fn` replaces `decode_one_token` (e.g. a compiled version).
+    max_new_tokens long. `step_fn` replaces `decode_one_token` (e.g. a compiled version). `prefix`: see prefill.
     """
     device = prefill_x.device
     B, S, _ = prefill_x.shape
@@ -121,7 +185,7 @@ def generate_tokens(
     out = torch.full((1, n_max), STOP_SPEECH, dtype=torch.long, device=device)
 
     state = new_state(model, S, B, device)
-    logits = prefill(model, prefill_x)
+    logits = prefill(model, prefill_x, prefix)
     tok = choose(logits, state, exponential_noise((1, V), device, generator), params)
     out[:, 0] = tok
     n = n_max

@@ -41,15 +41,17 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
         """input_pos (S,), k/v (B, H, S, D): write in place at those positions (rounded to the cache's dtype when
-        it is narrower than k/v's, e.g. a bf16 cache under fp32 activations; quantised per row for int8)."""
+        it is narrower than k/v's, e.g. a bf16 cache under fp32 activations; quantised per row for int8). k/v of
+        batch 1 go to every row (a prefix the rows share: decode.PrefixKV)."""
+        B = self.k_cache.shape[0]
         if self.quantized:
             for cache, scale, x in ((self.k_cache, self.k_scale, k), (self.v_cache, self.v_scale, v)):
                 q, s = quantize_rows_int8(x)
-                cache.index_copy_(2, input_pos, q)
-                scale.index_copy_(2, input_pos, s)
+                cache.index_copy_(2, input_pos, q.expand(B, *q.shape[1:]))
+                scale.index_copy_(2, input_pos, s.expand(B, *s.shape[1:]))
             return
-        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype).expand(B, *k.shape[1:]))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype).expand(B, *v.shape[1:]))
 
     def read(self, kv_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The first kv_len slots of k and v as `dtype` (B, H, kv_len, D): a view when the cache has that dtype,

@@ -258,9 +258,10 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def generate(self, prefill_x: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                 on_token: Callable[[int, Tensor], None] | None = None) -> Tensor:
-        """As decode.generate_tokens (same output, same generator state after); `last_stats` then holds the
-        rounds / drafted / accepted / tokens counts and the histogram of k per round."""
+                 on_token: Callable[[int, Tensor], None] | None = None,
+                 prefix: decode.PrefixKV | None = None) -> Tensor:
+        """As decode.generate_tokens (same output, same generator state after; `prefix` as there); `last_stats`
+        then holds the rounds / drafted / accepted / tokens counts and the histogram of k per round."""
         k = check_draft_tokens(self.draft_tokens)
         lengths = self.lengths if self.adaptive else None
         if lengths is not None and lengths.k_max != k:
@@ -276,7 +277,7 @@ class SpeculativeDecoder:
 
         state = new_state(model, S, B, device)
         dstate = new_state(draft, S, B, device)
-        tok = choose(decode.prefill(model, prefill_x), state, noise.get(0), params)
+        tok = choose(decode.prefill(model, prefill_x, prefix), state, noise.get(0), params)
         copy_cache_slots(model, draft, 0, S)
         draft_filled = S  # the draft's cache slots [0, draft_filled) hold the tokens emitted so far
         out[:, 0] = tok
