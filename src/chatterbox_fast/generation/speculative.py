@@ -114,15 +114,17 @@ class DraftLength:
     check's a line fitted through the running means of the measured k (with `verify_slope` one-token checks per
     extra token until two k have been measured; `draft_cost` one-token checks per draft step until one was). After
     `probe_every` rounds of k = 1 in a row, one round with k = 2 measures the draft and the costs again; while such
-    probes find the draft agreeing less than half the time, the interval doubles (up to `max_probe_every`).
+    probes find the draft agreeing less than half the time, the interval doubles (up to `max_probe_every`). Rates
+    within `tie` (3 %) of the best count as equal and the longest such round is taken (`_best`).
     """
 
     def __init__(self, k_max: int, prior: float = 0.8, prior_weight: float = 4.0, decay: float = 0.95,
                  draft_cost: float = 0.45, verify_slope: float = 0.2, probe_every: int = 16,
-                 max_probe_every: int = 256, ema: float = 0.3):
+                 max_probe_every: int = 256, ema: float = 0.3, tie: float = 0.03):
         self.k_max = check_draft_tokens(k_max)
         self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
         self.draft_cost, self.verify_slope, self.ema = draft_cost, verify_slope, ema
+        self.tie = tie  # _best: rates within this fraction of the best count as equal (the longest round wins)
         self.probe_every = self.min_probe_every = probe_every
         self.max_probe_every = max_probe_every
         self.hits = self.trials = 0.0
@@ -164,16 +166,19 @@ class DraftLength:
         return k
 
     def _best(self, k_top: int) -> int:
+        """The k with the highest expected rate; among those within `tie` of it, the largest. The rate is flat near
+        its top when the draft agrees often (k = 5..8 within a few %), while the costs it is computed from are
+        single timings on a machine whose speed moves by tens of % between rounds: the largest near-best k keeps
+        that noise from settling on short rounds, whose loss grows fast below the top."""
         a = self.agreement()
         t_draft = self.t_draft if self.t_draft is not None else self.draft_cost * self.check_cost(1)
-        best_k, best = 1, 0.0
+        rates = []
         expected = 0.0
         for k in range(1, k_top + 1):
             expected += a ** (k - 1)  # E(k)
-            rate = expected / ((k - 1) * t_draft + self.check_cost(k))
-            if rate > best * (1 + 1e-9):
-                best_k, best = k, rate
-        return best_k
+            rates.append(expected / ((k - 1) * t_draft + self.check_cost(k)))
+        top = max(rates)
+        return max(k for k, r in enumerate(rates, start=1) if r >= top * (1 - self.tie))
 
     def update(self, k: int, trials: int, hits: int, draft_s: float | None, check_s: float) -> None:
         """After a round of k: `trials` proposals checked, `hits` of them agreed; the draft's total time (None
