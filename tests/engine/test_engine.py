@@ -61,12 +61,12 @@ def test_waveform_matches_reference_with_same_tokens_and_noise(tts, oracle_ckpt,
 
 def test_generate_is_reproducible_with_a_seed(tts, oracle_ckpt):
     tts.set_voice(oracle_ckpt / "conds.pt")
+    mine = [v[2] for v in tts._prefixes.values() if v[0] is tts.conds.t3.speaker_emb]
+    assert len(mine) == 1 and mine[0].length == 33 and mine[0].slots is not None  # computed with the voice
     a = tts.generate("Seeded run.", max_new_tokens=8, seed=11)
     b = tts.generate("Seeded run.", max_new_tokens=8, seed=11)
     assert a.dtype == torch.float32 and a.dim() == 2 and a.shape[0] == 1
-    assert torch.equal(a, b)  # the second run restored the voice's T3 prefix the first one computed
-    mine = [v[2] for v in tts._prefixes.values() if v[0] is tts.conds.t3.speaker_emb]
-    assert len(mine) == 1 and mine[0].length == 33 and mine[0].slots is not None
+    assert torch.equal(a, b)  # both restored the voice's T3 prefix
     # cfg_weight=0 (which crashes the reference) works
     c = tts.generate("No guidance.", cfg_weight=0.0, max_new_tokens=8, seed=1)
     assert c.shape[0] == 1
