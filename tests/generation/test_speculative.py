@@ -16,6 +16,7 @@ from chatterbox_fast import kernels
 from chatterbox_fast.constants import STOP_SPEECH
 from chatterbox_fast.generation.decode import generate_tokens, new_state, prefill
 from chatterbox_fast.generation.fused import FusedDecodeStep
+from chatterbox_fast.generation.kv_cache import quantize_rows_int8
 from chatterbox_fast.generation.sampling import SamplingParams
 from chatterbox_fast.generation.speculative import (DraftLength, NoiseStream, SpeculativeDecoder,
                                                     build_int8_draft, check_draft_tokens)
@@ -156,11 +157,13 @@ def test_the_draft_catches_up_on_the_slots_of_plain_rounds():
     want = generate_tokens(m, x, p, generator=torch.Generator().manual_seed(1), step_fn=dec.target_step)
     got = dec.generate(x, p, generator=torch.Generator().manual_seed(1))
     assert torch.equal(got, want)
-    # slots 11 .. 13 were fed by plain rounds only: the draft got the target's (as bf16) before its first round
+    # slots 11 .. 13 were fed by plain rounds only: the draft got the target's (rounded to its int8 cache rows)
+    # before its first round
     for tl, dl in zip(m.tfmr.layers, dec.draft.tfmr.layers):
-        tk, dk = tl.self_attn.kv_cache.k_cache, dl.self_attn.kv_cache.k_cache
-        assert torch.equal(dk[:, :, 11:14], tk[:, :, 11:14].to(dk.dtype))
-        assert dk[:, :, 11:14].abs().sum() > 0
+        tk, dc = tl.self_attn.kv_cache.k_cache, dl.self_attn.kv_cache
+        q, scale = quantize_rows_int8(tk[:, :, 11:14])
+        assert torch.equal(dc.k_cache[:, :, 11:14], q) and torch.equal(dc.k_scale[:, :, 11:14], scale)
+        assert dc.k_cache[:, :, 11:14].abs().sum() > 0
 
 
 def test_the_draft_cache_holds_every_emitted_position():
@@ -175,7 +178,7 @@ def test_the_draft_cache_holds_every_emitted_position():
         end = 11 + got.shape[1] - 5  # the last round's slots may not be filled yet (the next drafting round does)
         for tl, dl in zip(m.tfmr.layers, dec.draft.tfmr.layers):
             tk = tl.self_attn.kv_cache.k_cache[:, :, :end].float()
-            dk = dl.self_attn.kv_cache.k_cache[:, :, :end].float()
+            dk = dl.self_attn.kv_cache.read(end, torch.float32)[0]  # dequantised
             err = (dk - tk).norm(dim=-1) / tk.norm(dim=-1)  # (B, H, end)
             assert err.max() < 0.1, (seed, err.max())
 
@@ -325,7 +328,7 @@ def test_draft_shares_everything_but_int8_layer_linears():
         for mod in (ld.self_attn.qkv_proj, ld.self_attn.o_proj, ld.mlp.gate_up_proj, ld.mlp.down_proj):
             assert isinstance(mod, Int8Linear) and mod.packed
     assert not any(t.is_meta for t in list(d.parameters()) + list(d.buffers()))
-    assert d.kv_dtype == torch.bfloat16
+    assert d.kv_dtype == torch.int8
 
 
 def test_bad_arguments_are_rejected_clearly():
