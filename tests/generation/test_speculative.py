@@ -345,3 +345,35 @@ def test_bad_arguments_are_rejected_clearly():
         build_int8_draft(q)
     with pytest.raises(ValueError, match="draft_tokens"):
         SpeculativeDecoder(_fp32_model(), draft_tokens=100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_copy_kv_slots_writes_what_kv_cache_update_writes(dtype):
+    """The C++ catch-up copy (one call for every layer) == KVCache.update per layer, bit for bit, slots outside
+    [start, stop) untouched; bad arguments are refused clearly."""
+    from chatterbox_fast.generation.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    src = [KVCache(2, 3, 12, 16, torch.float32) for _ in range(2)]
+    for c in src:
+        c.k_cache.normal_(generator=g)
+        c.v_cache.normal_(generator=g)
+    a = [KVCache(2, 3, 14, 16, dtype) for _ in range(2)]
+    b = [KVCache(2, 3, 14, 16, dtype) for _ in range(2)]
+    pos = torch.arange(4, 9)
+    for s, d in zip(src, a):
+        d.update(pos, s.k_cache[:, :, 4:9], s.v_cache[:, :, 4:9])
+    scales = [t for d in b for t in (d.k_scale, d.v_scale)] if dtype == torch.int8 else []
+    torch.ops.chatterbox_fast.copy_kv_slots([s.k_cache for s in src], [s.v_cache for s in src],
+                                            [d.k_cache for d in b], [d.v_cache for d in b], scales, 4, 9)
+    for x, y in zip(a, b):
+        for name in ("k_cache", "v_cache") + (("k_scale", "v_scale") if dtype == torch.int8 else ()):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+        assert y.k_cache[:, :, 4:9].abs().sum() > 0 and y.k_cache[:, :, :4].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="outside the caches"):
+        torch.ops.chatterbox_fast.copy_kv_slots([s.k_cache for s in src], [s.v_cache for s in src],
+                                                [d.k_cache for d in b], [d.v_cache for d in b], scales, 4, 13)
+    if dtype == torch.int8:
+        with pytest.raises(RuntimeError, match="2 scale tensors per layer"):
+            torch.ops.chatterbox_fast.copy_kv_slots([s.k_cache for s in src], [s.v_cache for s in src],
+                                                    [d.k_cache for d in b], [d.v_cache for d in b], [], 4, 9)

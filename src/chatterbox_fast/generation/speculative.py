@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import kernels as cpu_kernels
 from ..constants import STOP_SPEECH
 from ..models.t3 import T3
 from . import decode
@@ -228,6 +229,11 @@ def copy_cache_slots(src: T3, dst: T3, start: int, stop: int) -> None:
     """dst's KV cache slots [start, stop) := src's (converted to dst's cache format): the draft starts from the
     target's prefill instead of running its own, and catches up on the positions of plain rounds the same way."""
     if stop <= start:
+        return
+    sk, sv, _ = src.kv_cache_tensors()
+    dk, dv, ds = dst.kv_cache_tensors()
+    if sk[0].device.type == "cpu" and sk[0].dtype == torch.float32 and cpu_kernels.available():
+        torch.ops.chatterbox_fast.copy_kv_slots(sk, sv, dk, dv, ds, start, stop)  # one call, not ~10 ops a layer
         return
     pos = torch.arange(start, stop, device=src.speech_head.weight.device)
     for s, d in zip(src.tfmr.layers, dst.tfmr.layers):

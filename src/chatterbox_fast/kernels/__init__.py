@@ -44,6 +44,9 @@ them in one graph as extern calls; fake implementations below give their output 
 - `torch.ops.chatterbox_fast.snake(x (B, C, T) f32, alpha (C,)) -> y`: HiFT's Snake, x + sin^2(alpha x) / (alpha +
   1e-9), in one pass over contiguous or channels-last x (y in x's layout); a vectorised sin (Cody-Waite + Cephes,
   ~1 ulp), std::sin for |alpha x| >= 8192.
+- `torch.ops.chatterbox_fast.copy_kv_slots(src_k, src_v, dst_k, dst_v, dst_scales, start, stop) -> ()`: cache slots
+  [start, stop) of every layer from fp32 caches into caches of one dtype (fp32, bf16, or int8 with their row scales,
+  written as `KVCache.update` writes them): the speculative draft catching up on the target's slots in one call.
 - `torch.ops.chatterbox_fast.read_probe(x (n,) f32, streams) -> () f64`: the sum of x, each thread reading its share as
   `streams` interleaved streams (benchmarks/common.py's multi-stream read-bandwidth probe).
 - `torch.ops.chatterbox_fast.decode_layers(x (B, D) or (T, B, D), weights, scales, norms, k_caches, v_caches,

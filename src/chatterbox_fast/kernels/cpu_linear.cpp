@@ -1135,6 +1135,79 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* s);
 // RMSNorm weights (D,); k_caches[l], v_caches[l] (B, H, S, hd) float32, bfloat16 or int8, with (int8 only, else an
 // empty list) kv_scales[2l], kv_scales[2l+1] the k / v rows' float32 scales (B, H, S): each new row is quantised
 // symmetrically (round(x * 127 / max|x|), scale max|x| / 127); rope (>= p + 1, hd, 2) float32.
+namespace stack {
+// cache row `srow` (= (b H + h) S + position) of a k / v cache pair := kr / vr (hd floats each), in the cache's
+// dtype: fp32 copied, bf16 rounded to nearest even (as Tensor.to), int8 quantised per row with its scale into
+// ksc / vsc (as KVCache.update)
+inline void write_kv(at::ScalarType cdt, void* kc, void* vc, float* ksc, float* vsc, int64_t srow, const float* kr,
+                     const float* vr, int64_t hd) {
+  const int64_t slot = srow * hd;
+  if (cdt == at::kBFloat16) {
+    for (int64_t d = 0; d < hd; ++d) {
+      static_cast<c10::BFloat16*>(kc)[slot + d] = c10::BFloat16(kr[d]);
+      static_cast<c10::BFloat16*>(vc)[slot + d] = c10::BFloat16(vr[d]);
+    }
+  } else if (cdt == at::kChar) {
+    w8a8::quantize_row(kr, hd, static_cast<int8_t*>(kc) + slot, ksc + srow);
+    w8a8::quantize_row(vr, hd, static_cast<int8_t*>(vc) + slot, vsc + srow);
+  } else {
+    std::memcpy(static_cast<float*>(kc) + slot, kr, hd * sizeof(float));
+    std::memcpy(static_cast<float*>(vc) + slot, vr, hd * sizeof(float));
+  }
+}
+}  // namespace stack
+
+// Cache slots [start, stop) of every layer: dst := src, src fp32 (B, H, S, hd) caches, dst of one dtype (fp32, bf16
+// or int8 with its (B, H, S') row scales, 2 per layer) and as many slots or more: the speculative decoder's draft
+// catching up on the target's slots (generation/speculative.copy_cache_slots) in one call instead of ~10 ops a layer
+void copy_kv_slots(at::TensorList src_k, at::TensorList src_v, at::TensorList dst_k, at::TensorList dst_v,
+                   at::TensorList dst_scales, int64_t start, int64_t stop) {
+  const int64_t nl = static_cast<int64_t>(src_k.size());
+  TORCH_CHECK(nl >= 1 && static_cast<int64_t>(src_v.size()) == nl && static_cast<int64_t>(dst_k.size()) == nl &&
+                  static_cast<int64_t>(dst_v.size()) == nl,
+              "copy_kv_slots: expected as many source and destination k / v caches, got ", src_k.size(), ", ",
+              src_v.size(), ", ", dst_k.size(), ", ", dst_v.size());
+  const at::Tensor& s0 = src_k[0];
+  const at::Tensor& d0 = dst_k[0];
+  TORCH_CHECK(s0.dim() == 4 && d0.dim() == 4, "copy_kv_slots: caches must be (B, H, S, hd)");
+  const int64_t B = s0.size(0), H = s0.size(1), S = s0.size(2), hd = s0.size(3), Sd = d0.size(2);
+  const at::ScalarType cdt = d0.scalar_type();
+  TORCH_CHECK(cdt == at::kFloat || cdt == at::kBFloat16 || cdt == at::kChar, "copy_kv_slots: destination caches "
+              "must be float32, bfloat16 or int8, got ", cdt);
+  TORCH_CHECK(0 <= start && start <= stop && stop <= S && stop <= Sd, "copy_kv_slots: slots ", start, "..", stop,
+              " outside the caches (", S, " and ", Sd, " slots)");
+  TORCH_CHECK(static_cast<int64_t>(dst_scales.size()) == (cdt == at::kChar ? 2 * nl : 0), "copy_kv_slots: int8 "
+              "destinations need 2 scale tensors per layer (others none), got ", dst_scales.size());
+  for (int64_t l = 0; l < nl; ++l) {
+    for (const at::Tensor* t : {&src_k[l], &src_v[l]})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                      t->sizes() == s0.sizes(), "copy_kv_slots: layer ", l, " source caches must be contiguous ",
+                  s0.sizes(), " float32 CPU tensors, got ", t->sizes(), " ", t->scalar_type());
+    for (const at::Tensor* t : {&dst_k[l], &dst_v[l]})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == cdt && t->is_contiguous() && t->sizes() == d0.sizes() &&
+                      t->size(0) == B && t->size(1) == H && t->size(3) == hd,
+                  "copy_kv_slots: layer ", l, " destination caches must be contiguous (", B, ", ", H, ", S, ", hd,
+                  ") CPU tensors like layer 0's, got ", t->sizes(), " ", t->scalar_type());
+    for (int64_t j = 0; cdt == at::kChar && j < 2; ++j) {
+      const at::Tensor& sc = dst_scales[2 * l + j];
+      TORCH_CHECK(sc.device().is_cpu() && sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.dim() == 3 &&
+                      sc.size(0) == B && sc.size(1) == H && sc.size(2) == Sd,
+                  "copy_kv_slots: layer ", l, " scales must be contiguous (", B, ", ", H, ", ", Sd, ") float32");
+    }
+  }
+  for (int64_t l = 0; l < nl; ++l) {
+    const float* sk = src_k[l].data_ptr<float>();
+    const float* sv = src_v[l].data_ptr<float>();
+    void* kc = dst_k[l].data_ptr();
+    void* vc = dst_v[l].data_ptr();
+    float* ksc = cdt == at::kChar ? dst_scales[2 * l].data_ptr<float>() : nullptr;
+    float* vsc = cdt == at::kChar ? dst_scales[2 * l + 1].data_ptr<float>() : nullptr;
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t pt = start; pt < stop; ++pt)
+        stack::write_kv(cdt, kc, vc, ksc, vsc, bh * Sd + pt, sk + (bh * S + pt) * hd, sv + (bh * S + pt) * hd, hd);
+  }
+}
+
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::TensorList scales, at::TensorList norms,
                          at::TensorList k_caches, at::TensorList v_caches, at::TensorList kv_scales,
                          const at::Tensor& rope, const at::Tensor& input_pos, double eps) {
@@ -1214,24 +1287,9 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
       const float* cs = rope.data_ptr<float>() + pt * hd * 2;
       float* row = qkv.data() + m * 3 * inner;
       for (int64_t hh = 0; hh < 2 * H; ++hh) stack::rope(row + hh * hd, cs, hd);
-      for (int64_t hh = 0; hh < H; ++hh) {
-        const int64_t slot = ((b * H + hh) * S + pt) * hd;
-        const float* kr = row + inner + hh * hd;
-        const float* vr = row + 2 * inner + hh * hd;
-        if (cdt == at::kBFloat16) {
-          for (int64_t d = 0; d < hd; ++d) {  // round to nearest even, as Tensor.to(bfloat16)
-            static_cast<c10::BFloat16*>(kc)[slot + d] = c10::BFloat16(kr[d]);
-            static_cast<c10::BFloat16*>(vc)[slot + d] = c10::BFloat16(vr[d]);
-          }
-        } else if (cdt == at::kChar) {  // as KVCache.update: per-row symmetric int8
-          const int64_t srow = (b * H + hh) * S + pt;
-          w8a8::quantize_row(kr, hd, static_cast<int8_t*>(kc) + slot, ksc + srow);
-          w8a8::quantize_row(vr, hd, static_cast<int8_t*>(vc) + slot, vsc + srow);
-        } else {
-          std::memcpy(static_cast<float*>(kc) + slot, kr, hd * sizeof(float));
-          std::memcpy(static_cast<float*>(vc) + slot, vr, hd * sizeof(float));
-        }
-      }
+      for (int64_t hh = 0; hh < H; ++hh)
+        stack::write_kv(cdt, kc, vc, ksc, vsc, (b * H + hh) * S + pt, row + inner + hh * hd, row + 2 * inner + hh * hd,
+                        hd);
     }
     // token t: slots <= p + t (causal within the T tokens)
     dec::attend_heads(qkv.data(), 3 * inner, hd, kc, vc, cdt, B, H, S, hd, p + 1, qscale, att.data(), inner, hd, ksc,
@@ -2597,6 +2655,8 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("layer_norm_fused(Tensor(a!) x, Tensor? add, Tensor weight, Tensor bias, float eps, bool mish) -> Tensor");
   m.def("bias_gelu_(Tensor(a!) y, Tensor bias) -> ()");
   m.def("snake(Tensor x, Tensor alpha) -> Tensor");
+  m.def("copy_kv_slots(Tensor[] src_k, Tensor[] src_v, Tensor(a!)[] dst_k, Tensor(b!)[] dst_v, "
+        "Tensor(c!)[] dst_scales, int start, int stop) -> ()");
   m.def("read_probe(Tensor x, int streams) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] norms, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, Tensor(c!)[] kv_scales, Tensor rope, Tensor input_pos, float eps) -> Tensor");
@@ -2619,6 +2679,7 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("layer_norm_fused", &layer_norm_fused);
   m.impl("bias_gelu_", &bias_gelu_);
   m.impl("snake", &snake);
+  m.impl("copy_kv_slots", &copy_kv_slots);
 }
 
 // The ISA this build targets (for logs and tests): the exported C symbol cbf_cpu_linear_isa.
