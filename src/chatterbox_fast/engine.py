@@ -427,9 +427,10 @@ class OptimizedChatterboxTTS:
         return None if self._speculative is None else dict(self._speculative.last_stats)
 
     def _voice_prefix(self, c: T3Cond, length: int) -> PrefixKV:
-        """The voice's T3 prefix (decode.PrefixKV: its KV-cache slots, computed by the first request in this voice
-        and restored by the next ones), for the last VOICE_PREFIXES voices used. Keyed by the voice's tensors; the
-        PrefixKV itself checks the embeddings, so a voice edited in place is recomputed, never reused stale."""
+        """The voice's T3 prefix (decode.PrefixKV: its KV-cache slots, computed when the voice is set, or else by
+        its first request, and restored by every later one), for the last VOICE_PREFIXES voices used. Keyed by the
+        voice's tensors; the PrefixKV itself checks the embeddings, so a voice edited in place is recomputed, never
+        reused stale."""
         key = (id(c.speaker_emb), id(c.prompt_tokens), length)
         hit = self._prefixes.get(key)
         if hit is not None and hit[0] is c.speaker_emb and hit[1] is c.prompt_tokens:
