@@ -760,3 +760,22 @@ def test_bf16_linear_rows_equal_pairs(ops, m, n, k):
         rows = x[r:r + 2].contiguous()
         assert torch.equal(got[r:r + rows.shape[0]], ops.bf16_linear(rows, w))
     assert torch.allclose(got.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,n,k", [(12, 8194, 64), (12, 16, 1024), (5, 20, 100), (3, 13, 31), (1, 9, 16)])
+def test_f32_linear_rows_equal_pairs(ops, m, n, k):
+    """fp32 weights (T3's speech head in the fused step): each row's result is the same bits whatever M is (the
+    k-token check computes its k B rows in one call and must match the one-token step's (B, D) call), including
+    a partial last block of channels (8194 = 8 x 1024 + 2) and a scalar K tail; close to fp64."""
+    g = torch.Generator().manual_seed(m + n + k + 3)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    got = ops.f32_linear(x, w)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    for r in range(0, m, 2):
+        rows = x[r:r + 2].contiguous()
+        assert torch.equal(got[r:r + rows.shape[0]], ops.f32_linear(rows, w))
+    ref, tol = _ref(x, w)
+    assert bool(((got.double() - ref).abs() <= tol).all()), (got.double() - ref).abs().max()
+    with pytest.raises(RuntimeError, match="w must be a contiguous"):
+        ops.f32_linear(x, w.bfloat16())

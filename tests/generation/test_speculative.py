@@ -317,12 +317,16 @@ def test_noise_stream_draws_in_order_and_rewinds():
     assert torch.equal(g.get_state(), ref.get_state())
 
 
-def test_draft_shares_everything_but_int8_layer_linears():
+def test_draft_shares_everything_but_int8_layer_linears_and_head():
     from chatterbox_fast.quantize import Int8Linear
 
     m = _fp32_model()
     d = build_int8_draft(m)
-    assert d.speech_head is m.speech_head and d.speech_emb is m.speech_emb and d.tfmr.norm is m.tfmr.norm
+    assert d.speech_emb is m.speech_emb and d.tfmr.norm is m.tfmr.norm and d.text_head is m.text_head
+    assert isinstance(d.speech_head, Int8Linear) and d.speech_head.out_features == m.speech_head.out_features
+    x = torch.randn(2, m.cfg.dim)
+    ref = m.speech_head(x)
+    assert (d.speech_logits(x) - ref).abs().max() < 0.02 * ref.abs().max()  # int8's error, not another head
     for ld, lm in zip(d.tfmr.layers, m.tfmr.layers):
         assert ld.input_layernorm is lm.input_layernorm
         for mod in (ld.self_attn.qkv_proj, ld.self_attn.o_proj, ld.mlp.gate_up_proj, ld.mlp.down_proj):

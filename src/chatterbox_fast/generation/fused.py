@@ -49,7 +49,8 @@ def fused_step_unsupported(model: T3) -> str | None:
     """None when `FusedDecodeStep(model)` can run, else the reason (a sentence)."""
     if not isinstance(model, T3):
         return f"not a T3 ({type(model).__name__})"
-    if model.speech_head.weight.device.type != "cpu" or model.speech_head.weight.dtype != torch.float32:
+    emb = model.speech_emb.weight  # the activations' dtype and device
+    if emb.device.type != "cpu" or emb.dtype != torch.float32:
         return "the fused step runs T3 on the CPU with fp32 activations"
     if not cpu_kernels.available():
         return f"the C++ CPU kernels are not loaded ({cpu_kernels.error() or 'call kernels.load() first'})"
@@ -93,6 +94,12 @@ class FusedDecodeStep:
             raise ValueError(f"FusedDecodeStep: {reason}")
         self.model = model
         self.weights, self.scales, self.norms = layer_weights(model)
+        # an fp32 speech head runs on the kernel of the fp32 layer linears (its result for a row does not depend on
+        # how many rows go with it, unlike BLAS's): the k-token check reads the head's 33 MB once for all its rows
+        # and still gets the one-token step's bits; other heads (the draft's int8 one) run as modules
+        head = model.speech_head
+        self.head_weight = (head.weight.detach() if type(head) is nn.Linear and head.bias is None and
+                            head.weight.dtype == torch.float32 and head.weight.is_contiguous() else None)
 
     def step_logits(self, model: T3, token: Tensor, state: DecodeState, kv_len: int) -> Tensor:
         """As decode.step_logits: token (1,) at state's positions -> raw speech logits (B, V) fp32. kv_len is
@@ -104,7 +111,7 @@ class FusedDecodeStep:
         k_caches, v_caches, kv_scales = model.kv_cache_tensors()
         h = torch.ops.chatterbox_fast.decode_layers(x, self.weights, self.scales, self.norms, k_caches, v_caches,
                                                     kv_scales, model.rope, state.input_pos, model.cfg.norm_eps)
-        return model.speech_logits(model.tfmr.norm(h))  # (B, V)
+        return self._head(model, model.tfmr.norm(h))  # (B, V)
 
     def tokens_logits(self, model: T3, tokens: Tensor, state: DecodeState) -> Tensor:
         """Feed tokens (k,) at state's positions onwards in one call (k cache slots written, causal among them) ->
@@ -120,9 +127,17 @@ class FusedDecodeStep:
         h = torch.ops.chatterbox_fast.decode_layers(x, self.weights, self.scales, self.norms, k_caches, v_caches,
                                                     kv_scales, model.rope, state.input_pos, model.cfg.norm_eps)
         hn = model.tfmr.norm(h)  # (k, B, D)
-        # the head one token at a time: the same (B, D) GEMM as the one-token step (BLAS may sum a taller one in
-        # another order), so each token's logits are bit-identical to the step's
+        if self.head_weight is not None:  # all k B rows in one pass over the head (its kernel: the same bits per row)
+            return self._head(model, hn.reshape(k * B, D)).view(k, B, -1).transpose(0, 1)  # (B, k, V)
+        # else one token at a time: the same (B, D) GEMM as the one-token step (BLAS may sum a taller one in another
+        # order), so each token's logits are bit-identical to the step's
         return torch.stack([model.speech_logits(hn[j]) for j in range(k)], dim=1)  # (B, k, V)
+
+    def _head(self, model: T3, hn: Tensor) -> Tensor:
+        """Normed hidden rows (M, D) -> speech logits (M, V) fp32."""
+        if self.head_weight is None:
+            return model.speech_logits(hn)
+        return torch.ops.chatterbox_fast.f32_linear(hn.contiguous(), self.head_weight)
 
     def __call__(self, model: T3, token: Tensor, state: DecodeState, noise: Tensor, params: SamplingParams,
                  kv_len: int) -> Tensor:

@@ -17,7 +17,8 @@ them in one graph as extern calls; fake implementations below give their output 
   within ~3e-5 of the fp32 math relative to the output's largest value (`int8_packed_int16_activations()`);
   elsewhere bit-identical to `int8_linear`. `bf16_linear_packed(x, w (N / 8, K / 32, 8, 32) bf16)`: bit-identical
   to `bf16_linear`.
-- `torch.ops.chatterbox_fast.bf16_linear(x (M, K) f32, w (N, K) bf16) -> (M, N) f32`
+- `torch.ops.chatterbox_fast.bf16_linear(x (M, K) f32, w (N, K) bf16) -> (M, N) f32`; `f32_linear(x, w (N, K) f32)`:
+  the fp32 layer linears' kernel, each row's result the same bits for any M (T3's speech head in the fused step)
 `int8_linear` and the bf16 ops accumulate in fp32 over fp32 activations: the only rounding is the stored weight's.
 - `torch.ops.chatterbox_fast.decode_attention(q (B, H, 1, D), k_cache, v_cache (B, H, S, D), input_pos (1,), scale)
   -> (B, H, 1, D)`: T3's single-query attention over the cache slots <= input_pos, fp32 math over an fp32 or a
@@ -173,6 +174,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("chatterbox_fast::bf16_linear")
     def _bf16_linear_fake(x, w):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("chatterbox_fast::f32_linear")
+    def _f32_linear_fake(x, w):
         return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.register_fake("chatterbox_fast::bf16_linear_packed")

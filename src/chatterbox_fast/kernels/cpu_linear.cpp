@@ -299,6 +299,16 @@ struct F32Weight {  // plain fp32 rows (the decode attention's fp32 KV cache)
 // of the same bytes (compute and DRAM latency did not overlap), with it at ~85-95 % (measured on T3's shapes,
 // 2 threads; a prefetch only 256-2048 bytes ahead within the current rows had gained nothing). Prefetches never
 // fault, so the last block's run past the weight's end is harmless.
+// a * b + c for the scalar K tails of the linears: one fused multiply-add in the SIMD builds, so that the pair path
+// and the multi-row path round a tail alike (the compiler would contract some of them and not others)
+inline float tail_madd(float a, float b, float c) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 template <class W, int64_t B>
 inline void dot_block(const float* x0, const float* x1, const typename W::T* w, int64_t K, float* s0, float* s1) {
   using T = typename W::T;
@@ -337,8 +347,8 @@ inline void dot_block(const float* x0, const float* x1, const typename W::T* w, 
   for (; k < K; ++k) {  // tail (all of K without SIMD)
     for (int64_t j = 0; j < B; ++j) {
       const float wv = W::load1(w + j * K + k);
-      s0[j] += x0[k] * wv;
-      s1[j] += x1[k] * wv;
+      s0[j] = tail_madd(x0[k], wv, s0[j]);
+      s1[j] = tail_madd(x1[k], wv, s1[j]);
     }
   }
 }
@@ -482,7 +492,7 @@ void linear_kernel_rows(const float* x, const typename W::T* w, const float* sca
 #else
           float sum = 0.f;
 #endif
-          for (int64_t kk = k; kk < K; ++kk) sum += x[m * K + kk] * W::load1(wb + j * K + kk);
+          for (int64_t kk = k; kk < K; ++kk) sum = tail_madd(x[m * K + kk], W::load1(wb + j * K + kk), sum);
           y[m * N + n0 + j] = sum * (scale ? scale[n0 + j] : 1.f);
         }
     }
@@ -2263,6 +2273,16 @@ at::Tensor bf16_linear_packed(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+// fp32 weights: the same kernel as the fp32 layer linears of decode_layers, so every row of x gets the same bits
+// whatever M is (T3's speech head in the fused decode step and in the speculative decoder's k-token check)
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
+  check_common(x, w, at::kFloat, "f32_linear");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  linear_kernel<F32Weight>(x.data_ptr<float>(), w.data_ptr<float>(), nullptr, y.data_ptr<float>(), M, N, K);
+  return y;
+}
+
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   check_common(x, w, at::kBFloat16, "bf16_linear");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -2644,6 +2664,7 @@ TORCH_LIBRARY(chatterbox_fast, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int8_linear_packed(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("f32_linear(Tensor x, Tensor w) -> Tensor");
   m.def("bf16_linear_packed(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale) -> Tensor");
   m.def("full_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
@@ -2667,6 +2688,7 @@ TORCH_LIBRARY_IMPL(chatterbox_fast, CPU, m) {
   m.impl("read_probe", &read_probe);
   m.impl("int8_linear_packed", &int8_linear_packed);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("f32_linear", &f32_linear);
   m.impl("bf16_linear_packed", &bf16_linear_packed);
   m.impl("decode_attention", &decode_attention);
   m.impl("full_attention", &full_attention);

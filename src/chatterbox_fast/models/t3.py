@@ -211,7 +211,7 @@ class T3(nn.Module):
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
         """Allocate the static KV cache and the RoPE table (no-op if the current ones are large enough). After
         `release_caches` the cache comes back at its previous size (same shapes: compiled graphs stay valid)."""
-        w = self.speech_head.weight
+        w = self.speech_emb.weight  # the activations' dtype and device (the head may be an int8 module: a draft's)
         dtype = self.kv_dtype or w.dtype
         fits = max_batch == self.max_batch and max_seq <= self.max_seq
         if fits and self.caches_allocated and self.tfmr.layers[0].self_attn.kv_cache.k_cache.dtype == dtype:
