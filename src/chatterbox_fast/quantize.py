@@ -16,7 +16,8 @@ Scheme: per-output-channel symmetric int8, `w[n, :] ~= scale[n] * q[n, :]`, q in
 (q/k/v/o, gate/up/down: 99.3 % of the weight bytes a decode step reads besides the head). What is not:
 - `speech_head` (1024 x 8194, 34 MB fp32, 6 % of the int8 step's bytes): its outputs are the logits that the
   sampler turns into probabilities directly, with no later layer to average the rounding out, and T3 takes its
-  model dtype from `speech_head.weight` (caches, conditioning). Quantising it would save ~1 ms/token at best.
+  model dtype from its embeddings (caches, conditioning). Quantising it would save ~1 ms/token at best. (The
+  speculative decoder's draft, whose logits only steer, does use an int8 copy: generation/speculative.py.)
 - the conditioning encoder, embeddings and `text_head`: run once per request (or never), not per token.
 
 Kernels (`Int8Linear.forward`):

@@ -381,3 +381,44 @@ def test_copy_kv_slots_writes_what_kv_cache_update_writes(dtype):
         with pytest.raises(RuntimeError, match="2 scale tensors per layer"):
             torch.ops.chatterbox_fast.copy_kv_slots([s.k_cache for s in src], [s.v_cache for s in src],
                                                     [d.k_cache for d in b], [d.v_cache for d in b], [], 4, 9)
+
+
+class _PoisonedTorch:
+    """torch, except that `empty` returns NaN-filled (float) or 0x7f-filled (int) tensors: what uninitialised
+    memory may hold. A reader of a slot never written then sees NaN (int8 cache: a NaN scale)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*shape, dtype=None, device=None):
+        t = torch.empty(*shape, dtype=dtype, device=device)
+        return t.fill_(float("nan") if t.is_floating_point() else 127)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.int8])
+def test_uninitialised_caches_never_read(monkeypatch, kv_dtype):
+    """The fused step and the speculative decoder allocate their KV caches without zeroing (ensure_caches(...,
+    zero=False)): with that memory full of NaN they give the tokens of a run on zeroed caches, so no unwritten slot
+    is ever read. The module path (masked attention over whole buckets) then gets a zeroed cache again."""
+    from chatterbox_fast.generation import kv_cache
+
+    m = _fp32_model()
+    m.kv_dtype = kv_dtype
+    x = torch.randn(2, 11, m.cfg.dim, generator=torch.Generator().manual_seed(2))
+    p = SamplingParams(max_new_tokens=45)
+    step = FusedDecodeStep(m)
+    m.setup_caches(2, 256)  # zeroed
+    want = generate_tokens(m, x, p, generator=torch.Generator().manual_seed(3), step_fn=step)
+    m.release_caches()
+    monkeypatch.setattr(kv_cache, "torch", _PoisonedTorch())
+    got = generate_tokens(m, x, p, generator=torch.Generator().manual_seed(3), step_fn=step)
+    assert not m.caches_zeroed and torch.isnan(m.tfmr.layers[0].self_attn.kv_cache.v_scale if kv_dtype
+                                               else m.tfmr.layers[0].self_attn.kv_cache.v_cache).any()
+    assert torch.equal(got, want)
+    dec = SpeculativeDecoder(m, draft_tokens=5, adaptive=False)
+    m.release_caches()
+    spec = dec.generate(x, p, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(spec, want) and not dec.draft.caches_zeroed and dec.last_stats["accepted"] > 0
+    generate_tokens(m, x, SamplingParams(max_new_tokens=3))  # the module path: zeros again
+    assert m.caches_zeroed

@@ -5,7 +5,9 @@ left above that floor is per-op overhead: the module path (eager or inductor) is
 token, each going through the dispatcher or inductor's Python wrapper at a few microseconds, 8-10 ms per token on
 the 2-core machine measured: a third of the int8 step. `decode_layers` runs the same math (the same linear and
 attention kernels as the module path's Int8Linear / Bf16Linear / decode attention, the small ops as plain loops) in
-one call; the speech embedding, the final norm, the speech head and the sampler stay in PyTorch (a handful of ops).
+one call; the speech embedding, the final norm and the sampler stay in PyTorch (a handful of ops), and an fp32
+speech head runs on the layers' fp32 linear kernel (`chatterbox_fast::f32_linear`, whose rows do not depend on how
+many rows share a call, unlike BLAS's: the speculative check's k tokens read the head once and match the step).
 No compilation: nothing to warm up, and the same speed with `enable_compilation` off.
 
 It applies to T3 on the CPU with fp32 activations, fused q/k/v and gate/up projections (`T3.fuse_projections`, which
@@ -87,6 +89,8 @@ def layer_weights(model: T3) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
 class FusedDecodeStep:
     """`step(model, token, state, noise, params, kv_len) -> next token (1,)`, a drop-in `step_fn` for
     `generate_tokens`, with the layers in one `decode_layers` call (module docstring)."""
+
+    reads_written_slots_only = True  # decode_layers attends over slots <= its position: caches need no zeroing
 
     def __init__(self, model: T3):
         reason = fused_step_unsupported(model)

@@ -20,16 +20,23 @@ def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class KVCache(nn.Module):
+    """`zero=False` leaves the slots uninitialised (no pass over the whole cache: on a CPU, only the pages of the
+    slots a generation writes are ever touched): only for readers that never read a slot before writing it (the
+    fused CPU decode step and the speculative decoder: decode.ensure_caches(..., zero=False)). Masked readers of a whole bucket (the module
+    path's SDPA) need zeros: a masked-out slot's garbage could be NaN, and 0 x NaN is NaN."""
+
     def __init__(self, batch: int, n_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, zero: bool = True):
         super().__init__()
         shape = (batch, n_heads, max_seq, head_dim)
+        self.zeroed = zero  # unwritten slots read as 0 (else: whatever the allocator returned)
+        new = torch.zeros if zero else torch.empty
         # non-persistent: the cache is runtime state, never part of a checkpoint
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k_cache", new(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", new(shape, dtype=dtype, device=device), persistent=False)
         int8 = dtype == torch.int8  # then one fp32 scale per row; otherwise no scales (None buffers)
-        self.register_buffer("k_scale", torch.zeros(shape[:3], device=device) if int8 else None, persistent=False)
-        self.register_buffer("v_scale", torch.zeros(shape[:3], device=device) if int8 else None, persistent=False)
+        self.register_buffer("k_scale", new(shape[:3], device=device) if int8 else None, persistent=False)
+        self.register_buffer("v_scale", new(shape[:3], device=device) if int8 else None, persistent=False)
 
     @property
     def max_seq(self) -> int:

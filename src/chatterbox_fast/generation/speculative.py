@@ -287,7 +287,9 @@ class SpeculativeDecoder:
         B, S, _ = prefill_x.shape
         n_max = params.max_new_tokens
         for m in (model, draft):
-            ensure_caches(m, B, S + n_max + k)  # a round may write up to k slots past the last emitted token
+            # a round may write up to k slots past the last emitted token; every read is of written slots (the
+            # prefill's, decode_layers' <= its position, the draft's catch-up copy): no zeroing needed
+            ensure_caches(m, B, S + n_max + k, zero=False)
         noise = NoiseStream(model.cfg.speech_vocab_size, device, generator)
         out = torch.full((1, n_max), STOP_SPEECH, dtype=torch.long, device=device)
 

@@ -208,13 +208,16 @@ class T3(nn.Module):
                         release(w)
 
     # ---- caches -------------------------------------------------------------------------------------------
-    def setup_caches(self, max_batch: int, max_seq: int) -> None:
+    def setup_caches(self, max_batch: int, max_seq: int, zero: bool = True) -> None:
         """Allocate the static KV cache and the RoPE table (no-op if the current ones are large enough). After
-        `release_caches` the cache comes back at its previous size (same shapes: compiled graphs stay valid)."""
+        `release_caches` the cache comes back at its previous size (same shapes: compiled graphs stay valid).
+        zero=False: the slots are left uninitialised (KVCache), for readers that read written slots only; a cache
+        allocated so is reallocated when a later call asks for zeros."""
         w = self.speech_emb.weight  # the activations' dtype and device (the head may be an int8 module: a draft's)
         dtype = self.kv_dtype or w.dtype
         fits = max_batch == self.max_batch and max_seq <= self.max_seq
-        if fits and self.caches_allocated and self.tfmr.layers[0].self_attn.kv_cache.k_cache.dtype == dtype:
+        if (fits and self.caches_allocated and self.tfmr.layers[0].self_attn.kv_cache.k_cache.dtype == dtype
+                and (self.caches_zeroed or not zero)):
             return
         max_seq = self.max_seq if fits else max_seq
         # normal tensors even when called under inference mode (generate_tokens): compiled graphs guard on the
@@ -222,7 +225,7 @@ class T3(nn.Module):
         with torch.inference_mode(False):
             for layer in self.tfmr.layers:
                 layer.self_attn.kv_cache = KVCache(max_batch, self.cfg.n_heads, max_seq, self.cfg.head_dim,
-                                                   dtype, w.device)
+                                                   dtype, w.device, zero=zero)
             if not fits:
                 self.register_buffer("rope", rope_table(self.cfg, max_seq, w.device), persistent=False)
         self.max_batch, self.max_seq = max_batch, max_seq
@@ -232,10 +235,15 @@ class T3(nn.Module):
     def caches_allocated(self) -> bool:
         return self.tfmr.layers[0].self_attn.kv_cache is not None
 
+    @property
+    def caches_zeroed(self) -> bool:
+        """The cache was allocated zeroed (its unwritten slots read as 0)."""
+        return self.caches_allocated and self.tfmr.layers[0].self_attn.kv_cache.zeroed
+
     def release_caches(self) -> None:
         """Free the KV cache between generations (2 x 30 layers x batch x max_seq x 1024 floats: 0.7 GB for the
         engine's 1408 positions in fp32), keeping its size for the next `setup_caches`. Every generation overwrites
-        the slots it reads (prefill, then one slot per step), so a fresh zeroed cache changes no output."""
+        the slots it reads (prefill, then one slot per step), so a fresh cache changes no output."""
         for layer in self.tfmr.layers:
             layer.self_attn.kv_cache = None
         self._kv_tensors = None
