@@ -254,6 +254,23 @@ class TestDraftLength:
         gaps = _probe_gaps(d, 40, hits=1, draft_s=0.1, check_s=0.2)
         assert len(gaps) >= 6 and set(gaps[1:]) == {4}  # the machine may get cheaper for the draft: keep looking
 
+    def test_one_slow_early_draft_step_costs_a_few_plain_rounds_only(self):
+        """A shared machine's hiccup in the first measured round (a draft step 3x its cost) turns drafting off, but
+        the next probe (after 4 plain rounds by default) measures the real cost, which replaces the slow one."""
+        d = DraftLength(6)
+        d.update(3, trials=2, hits=2, draft_s=2 * 0.075, check_s=0.09)  # draft steps of 75 ms (25 ms really)
+        d.update(6, trials=5, hits=5, draft_s=5 * 0.075, check_s=0.15)
+        plain = 0
+        while (k := d.choose(100)) == 1:
+            plain += 1
+            d.update(1, trials=0, hits=0, draft_s=None, check_s=0.065)
+        assert k == 2 and plain == 4  # the probe
+        d.update(2, trials=1, hits=1, draft_s=0.025, check_s=0.075)
+        assert d.t_draft == pytest.approx(0.025)
+        assert d.choose(100) >= 5
+        d.update(6, trials=5, hits=5, draft_s=5 * 0.05, check_s=0.3)  # a slower spell is followed, by ema
+        assert d.t_draft == pytest.approx(0.7 * 0.025 + 0.3 * 0.05) and d.t_check[6] == pytest.approx(0.195)
+
     def test_a_probe_that_finds_agreement_resumes_drafting(self):
         d = DraftLength(6, probe_every=4)
         d.update(2, trials=10, hits=0, draft_s=0.04, check_s=0.1)

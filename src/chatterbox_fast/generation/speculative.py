@@ -118,14 +118,17 @@ class DraftLength:
     proposals (each checked proposal is one trial; a `prior` worth `prior_weight` trials starts it). A round costs
     (k - 1) draft steps plus one k-token check: the draft step's time is a running mean of the measured ones, the
     check's a line fitted through the running means of the measured k (with `verify_slope` one-token checks per
-    extra token until two k have been measured; `draft_cost` one-token checks per draft step until one was). After
-    `probe_every` rounds of k = 1 in a row, one round with k = 2 measures the draft and the costs again; while such
-    probes find the draft agreeing less than half the time, the interval doubles (up to `max_probe_every`). Rates
-    within `tie` (3 %) of the best count as equal and the longest such round is taken (`_best`).
+    extra token until two k have been measured; `draft_cost` one-token checks per draft step until one was). The
+    running means follow a lower measurement at once and a higher one by `ema` (a shared machine only ever makes a
+    call slower than its cost: one slow early step must not stop drafting for long). After `probe_every` rounds of
+    k = 1 in a row, one round with k = 2 measures the draft and the costs again (with an agreeing draft a k = 2
+    round costs about what it saves, so probing often is cheap); while such probes find the draft agreeing less than
+    half the time, the interval doubles (up to `max_probe_every`). Rates within `tie` (3 %) of the best count as
+    equal and the longest such round is taken (`_best`).
     """
 
     def __init__(self, k_max: int, prior: float = 0.8, prior_weight: float = 4.0, decay: float = 0.95,
-                 draft_cost: float = 0.45, verify_slope: float = 0.2, probe_every: int = 16,
+                 draft_cost: float = 0.45, verify_slope: float = 0.2, probe_every: int = 4,
                  max_probe_every: int = 256, ema: float = 0.3, tie: float = 0.03):
         self.k_max = check_draft_tokens(k_max)
         self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
@@ -194,10 +197,12 @@ class DraftLength:
             self.trials = self.trials * self.decay + trials
         self.plain_rounds = self.plain_rounds + 1 if k == 1 else 0  # a probe (k = 2) restarts the count
         if draft_s is not None and k > 1:
-            t = draft_s / (k - 1)
-            self.t_draft = t if self.t_draft is None else (1 - self.ema) * self.t_draft + self.ema * t
-        old = self.t_check.get(k)
-        self.t_check[k] = check_s if old is None else (1 - self.ema) * old + self.ema * check_s
+            self.t_draft = self._follow(self.t_draft, draft_s / (k - 1))
+        self.t_check[k] = self._follow(self.t_check.get(k), check_s)
+
+    def _follow(self, mean: float | None, t: float) -> float:
+        """A running mean's next value after measuring t: t itself when lower (or the first), else an EMA step."""
+        return t if mean is None or t < mean else (1 - self.ema) * mean + self.ema * t
 
 
 class NoiseStream:
