@@ -291,14 +291,6 @@ struct F32Weight {  // plain fp32 rows (the decode attention's fp32 KV cache)
   static inline float load1(const T* p) { return *p; }
 };
 
-// s0[j] = sum_k x0[k] * w[j * K + k], s1[j] likewise with x1, for j < B.
-//
-// Software prefetch of the *next* block: while one block of B rows streams in, each 64-byte line read here issues a
-// prefetch of the line at the same offset B rows further on (B * K elements ahead). The hardware prefetchers stop at
-// 4 KB page boundaries and only see the current rows; without this the kernel streamed at ~65-70 % of a plain read
-// of the same bytes (compute and DRAM latency did not overlap), with it at ~85-95 % (measured on T3's shapes,
-// 2 threads; a prefetch only 256-2048 bytes ahead within the current rows had gained nothing). Prefetches never
-// fault, so the last block's run past the weight's end is harmless.
 // a * b + c for the scalar K tails of the linears: one fused multiply-add in the SIMD builds, so that the pair path
 // and the multi-row path round a tail alike (the compiler would contract some of them and not others)
 inline float tail_madd(float a, float b, float c) {
@@ -309,6 +301,14 @@ inline float tail_madd(float a, float b, float c) {
 #endif
 }
 
+// s0[j] = sum_k x0[k] * w[j * K + k], s1[j] likewise with x1, for j < B.
+//
+// Software prefetch of the *next* block: while one block of B rows streams in, each 64-byte line read here issues a
+// prefetch of the line at the same offset B rows further on (B * K elements ahead). The hardware prefetchers stop at
+// 4 KB page boundaries and only see the current rows; without this the kernel streamed at ~65-70 % of a plain read
+// of the same bytes (compute and DRAM latency did not overlap), with it at ~85-95 % (measured on T3's shapes,
+// 2 threads; a prefetch only 256-2048 bytes ahead within the current rows had gained nothing). Prefetches never
+// fault, so the last block's run past the weight's end is harmless.
 template <class W, int64_t B>
 inline void dot_block(const float* x0, const float* x1, const typename W::T* w, int64_t K, float* s0, float* s1) {
   using T = typename W::T;
