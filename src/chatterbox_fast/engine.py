@@ -384,13 +384,14 @@ class OptimizedChatterboxTTS:
                                 repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p,
                                 max_new_tokens=max_new_tokens)
         _check_exaggeration(exaggeration)
+        _check_seed(seed)
         enc = self.tokenizer.prepare(text)  # validates: TypeError / ValueError with a clear message
         if audio_prompt_path is not None:
             self.prepare_conditionals(audio_prompt_path, exaggeration)
         if self.conds is None:
             raise RuntimeError("no voice: this checkpoint has no conds.pt; pass audio_prompt_path or call "
                                "prepare_conditionals first")
-        gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        gen = torch.Generator(self.device).manual_seed(int(seed)) if seed is not None else None
         tokens = self.generate_tokens(enc.ids, self.conds.with_exaggeration(exaggeration), params, gen, verbose)
         wav = self.tokens_to_wav(tokens, generator=gen, cfm_steps=cfm_steps)
         return self._finish(wav)
@@ -503,6 +504,15 @@ def _check_speculative(mode) -> None:
 def _check_cfm_steps(n) -> None:
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CFM_STEPS):
         raise ValueError(f"cfm_steps must be None (10, exact) or an int in [1, {MAX_CFM_STEPS}], got {n!r}")
+
+
+def _check_seed(seed) -> None:
+    """None, or an int that torch.Generator.manual_seed takes (numpy integers too; not bool)."""
+    if seed is None:
+        return
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
+            or not -(2 ** 63) <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")
 
 
 def _check_exaggeration(x) -> None:
