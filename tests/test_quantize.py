@@ -9,6 +9,9 @@ Tolerances:
   generic fallback is fp32 throughout: 1e-5.
 - compiled vs eager int8 step: same kernel in both, logits within 1e-3 abs (with ATen's kernel, bf16 outputs of
   differently fused neighbours can round differently), tokens identical.
+- prefill-sized inputs on a CPU with native bf16 (`_bf16_prefill_gemm`): exactly oneDNN's bf16 GEMM of the
+  bf16-rounded x (then the int8 scales in fp32), and within bf16's rounding of x and of the output (2^-8 relative
+  to sum |x| |w|) of the fp32-math result. Tests of the fp32 paths turn it off (CHATTERBOX_FAST_CPU_BF16=0).
 - drift on the full random checkpoint (64 teacher-forced steps): bounds ~2x above what was measured (see the
   constants at the end) so that a broken kernel or scale fails. Random weights make this a weak proxy for the
   released weights: their logits are flatter and their rows have no outliers.
@@ -107,6 +110,7 @@ def test_int8_linear_fallback_path_is_exact_dequantised_matmul(monkeypatch, has_
     F.linear with the dequantised weight, fp32 throughout."""
     monkeypatch.setattr(qmod, "_HAS_INT8PACK", has_op)
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    monkeypatch.setenv("CHATTERBOX_FAST_CPU_BF16", "0")  # no bf16 prefill GEMM (tested below)
     torch.manual_seed(0)
     m = Int8Linear.from_linear(nn.Linear(32, 16, bias=False))
     x = torch.randn(1, rows, 32)
@@ -116,7 +120,9 @@ def test_int8_linear_fallback_path_is_exact_dequantised_matmul(monkeypatch, has_
 @pytest.mark.parametrize("kernel", ["ours", "fallback"])
 @pytest.mark.parametrize("shape", [(2, 64), (3, 5, 64), (1, qmod.CPU_KERNEL_MAX_ROWS + 1, 64)])
 def test_bf16_linear_is_fp32_math_on_the_bf16_weight(monkeypatch, shape, kernel):
-    """Weight-only bf16: the result is x @ bf16(W)^T in fp32, with no rounding of x or of the output."""
+    """Weight-only bf16: the result is x @ bf16(W)^T in fp32, with no rounding of x or of the output (decode-sized
+    inputs always; prefill-sized ones where the CPU has no native bf16, forced here)."""
+    monkeypatch.setenv("CHATTERBOX_FAST_CPU_BF16", "0")
     if kernel == "ours":
         if not cpu_kernels.load():
             pytest.skip(f"our CPU kernel is unavailable: {cpu_kernels.error()}")
@@ -155,6 +161,37 @@ def test_quantize_t3_bf16_replaces_the_layer_linears():
         m.setup_caches(2, 64)
     a, b = prefill(ref, x), prefill(model, x)
     assert (a - b).abs().max().item() <= 0.01 * a.abs().max().item()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_quantized_linears_run_prefill_as_a_bf16_gemm_on_native_bf16_cpus(monkeypatch, packed):
+    """Prefill-sized inputs (> CPU_KERNEL_MAX_ROWS rows) on a CPU with native bf16: one bf16 GEMM (the int8 values
+    are exact in bf16), scales applied in fp32; within bf16 rounding of the fp32-math result. Decode-sized inputs
+    and CPUs without native bf16 (CHATTERBOX_FAST_CPU_BF16=0) keep fp32 math."""
+    torch.manual_seed(1)
+    lin = nn.Linear(128, 48, bias=False)
+    i8, b16 = Int8Linear.from_linear(lin), Bf16Linear.from_linear(lin)
+    if packed:
+        assert i8.pack_() and b16.pack_()
+    x = torch.randn(2, qmod.CPU_KERNEL_MAX_ROWS, 128)  # 128 rows
+    wq, wb = i8.row_major_weight(), b16.row_major_weight()
+    monkeypatch.setenv("CHATTERBOX_FAST_CPU_BF16", "1")
+    y8, yb = i8(x), b16(x)
+    assert y8.dtype == yb.dtype == torch.float32 and y8.shape == yb.shape == (2, qmod.CPU_KERNEL_MAX_ROWS, 48)
+    xb = x.bfloat16()
+    assert torch.equal(y8, nn.functional.linear(xb, wq.bfloat16()).float() * i8.scale)
+    assert torch.equal(yb, nn.functional.linear(xb, wb).float())
+    for y, w in ((y8, i8.dequantized_weight()), (yb, wb.float())):
+        ref = x @ w.T
+        assert bool(((y - ref).abs() <= 2.0 ** -7 * (x.abs() @ w.abs().T)).all())
+        assert (y - ref).abs().max() > 0  # it did round: this is the bf16 path
+    monkeypatch.setenv("CHATTERBOX_FAST_CPU_BF16", "0")
+    torch.testing.assert_close(i8(x), x @ i8.dequantized_weight().T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b16(x), x @ wb.float().T, atol=1e-5, rtol=0)
+    monkeypatch.setenv("CHATTERBOX_FAST_CPU_BF16", "1")
+    x2 = torch.randn(2, 128)  # decode-sized: never the bf16 GEMM
+    ref = x2 @ wb.float().T
+    assert bool(((b16(x2) - ref).abs() <= 1e-5 * (x2.abs() @ wb.float().abs().T) + 1e-6).all())
 
 
 def test_int8_linear_rejects_bias():
