@@ -6,8 +6,10 @@ S3Gen flow (mel) -> HiFT (wav) -> trim-fade -> optional Perth watermark.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -119,8 +121,22 @@ class _Progress:
         sys.stderr.write("\n")
 
 
+def _serialized(method):
+    """Run `method` under the engine's re-entrant lock: one request at a time per engine (the KV cache, the decode
+    state and the current voice are shared), so concurrent callers (threads of a server) wait their turn instead of
+    corrupting each other's generation."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class OptimizedChatterboxTTS:
-    """Chatterbox TTS engine. Build it with `from_pretrained` (downloads) or `from_local` (a folder)."""
+    """Chatterbox TTS engine. Build it with `from_pretrained` (downloads) or `from_local` (a folder).
+
+    Thread-safe by serialisation: `generate` and the other request methods hold a per-engine lock, so several threads
+    may share one engine (they run one after another; for parallel requests use one engine per device or process)."""
 
     sr = S3GEN_SR
     release_kv_cache = True  # CPU: free the KV cache after each generation's T3 stage (see _release_kv_cache)
@@ -129,6 +145,7 @@ class OptimizedChatterboxTTS:
                  use_mixed_precision: bool = False, enable_watermark: bool = True, cuda_graphs: bool = True,
                  speculative: str | None = None):
         _check_speculative(speculative)
+        self._lock = threading.RLock()  # see _serialized
         self.t3 = parts.t3
         self.s3gen = parts.s3gen
         self.conditioner = parts.conditioner
@@ -181,6 +198,7 @@ class OptimizedChatterboxTTS:
                              f"built): {reason}")
         return SpeculativeDecoder(self.t3, self._step_fn)
 
+    @_serialized
     def warm_up(self) -> None:
         """Compile / capture the decode step now rather than in the first request (called at load with
         enable_compilation=True). The KV cache is allocated once, for WARM_POSITIONS positions (prompt, text and the
@@ -345,6 +363,7 @@ class OptimizedChatterboxTTS:
             return None
 
     # ---- voices -------------------------------------------------------------------------------------------
+    @_serialized
     @torch.inference_mode()
     def prepare_conditionals(self, wav, exaggeration: float = 0.5, sample_rate: int | None = None) -> Conditionals:
         """Clone a voice from reference audio (a path, or an array with `sample_rate`); it becomes the current
@@ -354,6 +373,7 @@ class OptimizedChatterboxTTS:
         self._prepare_voice_prefix()
         return self.conds
 
+    @_serialized
     def set_voice(self, conds: Conditionals | str | Path) -> None:
         """Use a voice profile (a Conditionals, or a conds.pt path) for the following requests."""
         if not isinstance(conds, Conditionals):
@@ -361,12 +381,14 @@ class OptimizedChatterboxTTS:
         self.conds = conds.to(self.device)
         self._prepare_voice_prefix()
 
+    @_serialized
     def save_voice(self, path) -> None:
         if self.conds is None:
             raise RuntimeError("no voice to save: call prepare_conditionals first")
         self.conds.save(path)
 
     # ---- synthesis ----------------------------------------------------------------------------------------
+    @_serialized
     @torch.inference_mode()
     def generate(self, text: str, audio_prompt_path=None, exaggeration: float = 0.5, cfg_weight: float = 0.5,
                  temperature: float = 0.8, repetition_penalty: float = 1.2, min_p: float = 0.05,
@@ -396,6 +418,7 @@ class OptimizedChatterboxTTS:
         wav = self.tokens_to_wav(tokens, generator=gen, cfm_steps=cfm_steps)
         return self._finish(wav)
 
+    @_serialized
     @torch.inference_mode()
     def generate_tokens(self, text_ids: Tensor, conds: Conditionals, params: SamplingParams,
                         generator: torch.Generator | None = None, verbose: bool = False) -> Tensor:
@@ -475,6 +498,7 @@ class OptimizedChatterboxTTS:
                 self._speculative.release_caches()
             _trim_heap()
 
+    @_serialized
     @torch.inference_mode()
     def tokens_to_wav(self, speech_tokens: Tensor, conds: Conditionals | None = None,
                       generator: torch.Generator | None = None, cfm_steps: int | None = None) -> Tensor:

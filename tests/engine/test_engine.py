@@ -10,6 +10,7 @@ exp-magnitude / iSTFT amplify ~1e-6 mel differences; the waveform is in [-0.99, 
 from __future__ import annotations
 
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -70,6 +71,29 @@ def test_generate_is_reproducible_with_a_seed(tts, oracle_ckpt):
     # cfg_weight=0 (which crashes the reference) works
     c = tts.generate("No guidance.", cfg_weight=0.0, max_new_tokens=8, seed=1)
     assert c.shape[0] == 1
+
+
+def test_threads_sharing_an_engine_get_what_sequential_calls_get(tts, oracle_ckpt):
+    """One engine, three threads at once: the engine's lock runs the requests one after another (they share one KV
+    cache and decode state), so each output equals the same request run alone."""
+    tts.set_voice(oracle_ckpt / "conds.pt")
+    jobs = [("First thread.", 3), ("The second thread has a longer text.", 4), ("Third.", 5)]
+    want = [tts.generate(text, max_new_tokens=6, seed=seed) for text, seed in jobs]
+    got, errors = [None] * len(jobs), []
+
+    def run(i):
+        try:
+            got[i] = tts.generate(jobs[i][0], max_new_tokens=6, seed=jobs[i][1])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("text, exc", [
