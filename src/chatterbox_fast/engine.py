@@ -21,7 +21,7 @@ from torch import Tensor
 from . import kernels as cpu_kernels
 from .conditioning import Conditionals, T3Cond
 from .constants import REPO_ID, S3GEN_SR
-from .generation.decode import PrefixKV, clean_speech_tokens, ensure_caches, generate_tokens
+from .generation.decode import PrefixKV, check_max_new_tokens, clean_speech_tokens, ensure_caches, generate_tokens
 from .generation.sampling import SamplingParams
 from .loading import Components, download_checkpoint, load_components
 from .memory import release_file_pages
@@ -405,6 +405,7 @@ class OptimizedChatterboxTTS:
         params = SamplingParams(temperature=temperature, cfg_weight=cfg_weight,
                                 repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p,
                                 max_new_tokens=max_new_tokens)
+        check_max_new_tokens(self.t3, params)
         _check_exaggeration(exaggeration)
         _check_seed(seed)
         enc = self.tokenizer.prepare(text)  # validates: TypeError / ValueError with a clear message

@@ -108,7 +108,8 @@ def test_bad_text_is_rejected_clearly(tts, text, exc):
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_p=2.0), dict(min_p=-1), dict(cfg_weight=-1),
                                 dict(repetition_penalty=0), dict(max_new_tokens=0), dict(exaggeration=-1),
                                 dict(cfm_steps=0), dict(cfm_steps=2.5), dict(cfm_steps=True), dict(cfm_steps=101),
-                                dict(seed="x"), dict(seed=1.5), dict(seed=True), dict(seed=2 ** 70)])
+                                dict(seed="x"), dict(seed=1.5), dict(seed=True), dict(seed=2 ** 70),
+                                dict(max_new_tokens=4097), dict(max_new_tokens=10 ** 9)])
 def test_bad_parameters_are_rejected(tts, kw):
     with pytest.raises(ValueError):
         tts.generate("Fine text.", **kw)

@@ -73,6 +73,23 @@ def test_max_new_tokens_caps_the_output(tiny):
     assert out.shape[1] <= 3
 
 
+def test_max_new_tokens_up_to_the_learned_speech_positions():
+    """Every learned speech position can be used (max_new_tokens = cfg.max_speech_tokens runs to the end); one more
+    is a clear ValueError before any work, not an IndexError in the position embedding."""
+    from chatterbox_fast.config import T3Config
+    from chatterbox_fast.models.t3 import T3
+
+    torch.manual_seed(0)
+    model = T3(T3Config.tiny(max_speech_tokens=24)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = _x(model, True)
+    out = generate_tokens(model, x, SamplingParams(max_new_tokens=24), generator=torch.Generator().manual_seed(0))
+    assert out.shape[1] == 24 and not (out == STOP_SPEECH).any()  # all 24 steps ran
+    with pytest.raises(ValueError, match="max_new_tokens must be <= 24"):
+        generate_tokens(model, x, SamplingParams(max_new_tokens=25))
+
+
 def test_clean_speech_tokens_like_the_reference():
     t = torch.tensor([5, START_SPEECH, 7, 8, 7000, 9, STOP_SPEECH, 10])
     assert clean_speech_tokens(t).tolist() == [7, 8, 9]

@@ -161,6 +161,15 @@ def new_state(model: T3, prefill_len: int, batch: int, device) -> DecodeState:
     )
 
 
+def check_max_new_tokens(model: T3, params: SamplingParams) -> None:
+    """ValueError unless max_new_tokens fits T3's learned speech positions (cfg.max_speech_tokens: 4096 new tokens,
+    ~164 s of audio); past them the position embedding has no row (the reference fails there with an IndexError)."""
+    limit = model.cfg.max_speech_tokens
+    if params.max_new_tokens > limit:
+        raise ValueError(f"max_new_tokens must be <= {limit} (T3's learned speech positions), got "
+                         f"{params.max_new_tokens}; split longer text into several requests")
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: T3,
@@ -177,6 +186,7 @@ def generate_tokens(
     Returns the raw tokens (1, n) as the reference's `predicted`: up to and including the first EOS, or
     max_new_tokens long. `step_fn` replaces `decode_one_token` (e.g. a compiled version). `prefix`: see prefill.
     """
+    check_max_new_tokens(model, params)
     device = prefill_x.device
     B, S, _ = prefill_x.shape
     n_max = params.max_new_tokens

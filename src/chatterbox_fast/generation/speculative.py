@@ -283,6 +283,7 @@ class SpeculativeDecoder:
                  prefix: decode.PrefixKV | None = None) -> Tensor:
         """As decode.generate_tokens (same output, same generator state after; `prefix` as there); `last_stats`
         then holds the rounds / drafted / accepted / tokens counts and the histogram of k per round."""
+        decode.check_max_new_tokens(self.model, params)
         k = check_draft_tokens(self.draft_tokens)
         lengths = self.lengths if self.adaptive else None
         if lengths is not None and lengths.k_max != k:
