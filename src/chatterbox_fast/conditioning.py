@@ -7,6 +7,7 @@ voice profile are the same thing. `VoiceConditioner` turns reference audio into 
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,6 +65,9 @@ class Conditionals:
         g = self.gen
         gen = dict(prompt_token=g.prompt_token.cpu(), prompt_token_len=torch.tensor([g.prompt_token.shape[1]]),
                    prompt_feat=g.prompt_feat.cpu(), prompt_feat_len=None, embedding=g.embedding.cpu())
+        parent = Path(path).parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"cannot save the voice profile: directory not found: {parent}")
         torch.save({"t3": t3, "gen": gen}, path)
 
     @classmethod
@@ -83,7 +87,7 @@ class Conditionals:
                         prompt_feat=gen["prompt_feat"].float(),
                         embedding=gen["embedding"].float().reshape(1, -1)),
             )
-        except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        except (KeyError, TypeError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
             raise ValueError(f"{path} is not a Chatterbox voice profile (conds.pt format): {e}") from e
 
 

@@ -505,6 +505,8 @@ class OptimizedChatterboxTTS:
                       generator: torch.Generator | None = None, cfm_steps: int | None = None) -> Tensor:
         """S3Gen only: speech tokens (n,) -> wav (1, samples) at 24 kHz (trim-faded, not watermarked)."""
         _check_cfm_steps(cfm_steps)
+        if not isinstance(speech_tokens, Tensor):
+            raise TypeError(f"speech_tokens must be a torch.Tensor of token ids, got {type(speech_tokens).__name__}")
         g = (conds or self.conds).gen
         if speech_tokens.numel() == 0:
             logger.warning("T3 produced no valid speech tokens; returning silence")

@@ -89,6 +89,10 @@ def test_arrays(tmp_path):
         load_audio((x * 32767).astype(np.int16), source_sr=16000)
     with pytest.raises(TypeError, match="path or a float array"):
         load_audio(12345)
+    for bad in (16000.5, float("nan"), "16000", True):
+        with pytest.raises(ValueError, match="whole number of Hz"):
+            load_audio(x, source_sr=bad)
+    assert load_audio(x, source_sr=16000.0)[1] == 16000
 
 
 def test_missing_path(tmp_path):

@@ -46,6 +46,14 @@ def test_builtin_voice_loads_from_conds_pt(tts, oracle_ckpt, tmp_path):
     c.save(tmp_path / "v.pt")  # round trip in the reference's format
     d = Conditionals.load(tmp_path / "v.pt")
     assert torch.equal(d.gen.prompt_feat, c.gen.prompt_feat) and d.t3.exaggeration == c.t3.exaggeration
+    with pytest.raises(FileNotFoundError, match="directory not found"):
+        c.save(tmp_path / "no" / "such" / "v.pt")
+    for name, data in (("text.pt", b"not a voice\n" * 20), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match="not a Chatterbox voice profile"):
+            tts.set_voice(tmp_path / name)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        tts.tokens_to_wav([1, 2, 3])
 
 
 def test_waveform_matches_reference_with_same_tokens_and_noise(tts, oracle_ckpt, oracle_fixture):

@@ -45,6 +45,9 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
 def _from_array(wav: np.ndarray | torch.Tensor, source_sr: int | None) -> tuple[np.ndarray, int]:
     if source_sr is None:
         raise TypeError("source_sr (the sample rate of the array) is required when passing an array")
+    if isinstance(source_sr, (bool, np.bool_)) or not isinstance(source_sr, (int, float, np.integer, np.floating)) \
+            or not float(source_sr).is_integer():
+        raise ValueError(f"source_sr must be a whole number of Hz, got {source_sr!r}")
     if isinstance(wav, torch.Tensor):
         wav = wav.detach().to("cpu").numpy()
     if not np.issubdtype(wav.dtype, np.floating):
