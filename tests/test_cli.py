@@ -37,3 +37,19 @@ def test_speak_reports_bad_input_without_a_traceback(oracle_ckpt, tmp_path, caps
                "--no-watermark"])
     assert rc == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_speak_rejects_an_unknown_output_format_before_loading(tmp_path, capsys):
+    """The output format comes from the extension and is checked before any work (no checkpoint is even read)."""
+    for name in ("x.xyz", "noext"):
+        rc = main(["speak", "hi", "-o", str(tmp_path / name), "--ckpt-dir", str(tmp_path / "missing")])
+        assert rc == 2 and "unknown audio format" in capsys.readouterr().err
+
+
+def test_output_subtype_follows_the_format():
+    from pathlib import Path
+
+    from chatterbox_fast.cli import _output_subtype
+
+    assert _output_subtype(Path("a.wav")) == _output_subtype(Path("b.FLAC")) == "PCM_16"
+    assert _output_subtype(Path("c.ogg")) == "VORBIS"

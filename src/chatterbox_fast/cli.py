@@ -16,7 +16,7 @@ def _speak_parser(sub) -> None:
                     "--ckpt-dir points at a local copy of its files.",
     )
     p.add_argument("text", help="the text to speak (use '-' to read it from standard input)")
-    p.add_argument("-o", "--output", type=Path, default=Path("out.wav"), help="output wav path (default out.wav)")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.wav"), help="output audio path: .wav (default out.wav), .flac, .ogg, .mp3")
     p.add_argument("--voice", type=Path, help="reference clip to clone (wav/flac/ogg, any rate), or a saved "
                                               "voice profile (.pt)")
     p.add_argument("--save-voice", type=Path, help="also save the voice profile prepared from --voice here")
@@ -55,11 +55,24 @@ def _speak_parser(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="progress and timings")
 
 
+def _output_subtype(path: Path) -> str:
+    """The soundfile subtype to write `path` with: 16-bit PCM where its format (from the extension) takes it, else
+    the format's default (mp3, ogg/vorbis). ValueError for an extension soundfile cannot write, before any work."""
+    import soundfile as sf
+
+    fmt = path.suffix[1:].upper()
+    if fmt not in sf.available_formats():
+        raise ValueError(f"cannot write {path}: unknown audio format {path.suffix or '(no extension)'!r}; use .wav, "
+                         ".flac, .ogg or .mp3")
+    return "PCM_16" if sf.check_format(fmt, "PCM_16") else sf.default_subtype(fmt)
+
+
 def _speak(args) -> int:
     import soundfile as sf
 
     from .engine import OptimizedChatterboxTTS
 
+    subtype = _output_subtype(args.output)
     text = sys.stdin.read() if args.text == "-" else args.text
     kw = dict(device=args.device, enable_compilation=args.compile, use_mixed_precision=args.bf16,
               enable_watermark=not args.no_watermark, quantize=args.quantize, cuda_graphs=not args.no_cuda_graphs,
@@ -90,7 +103,7 @@ def _speak(args) -> int:
                          verbose=args.verbose, cfm_steps=args.cfm_steps)
     t_gen = time.perf_counter() - t0
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(args.output, wav.squeeze(0).numpy(), model.sr, subtype="PCM_16")
+    sf.write(args.output, wav.squeeze(0).numpy(), model.sr, subtype=subtype)
     dur = wav.shape[1] / model.sr
     print(f"wrote {args.output}: {dur:.2f} s of audio at {model.sr} Hz "
           f"(load {t_load:.1f} s, synthesis {t_gen:.1f} s, RTF {t_gen / max(dur, 1e-9):.2f})")
