@@ -44,13 +44,18 @@ class KeyMap:
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, on CPU (memory-mapped by safetensors)."""
+    """All tensors of a safetensors file, on CPU (memory-mapped by safetensors). FileNotFoundError when missing,
+    CheckpointError when unreadable (a truncated download, another format)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    return load_file(str(path), device="cpu")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type (a Rust exception) or an OSError
+        raise CheckpointError(f"cannot read {path} as safetensors ({e}); a truncated or corrupt download? Delete it "
+                              "and download again") from e
 
 
 def map_state(

@@ -180,6 +180,19 @@ def test_from_local_reports_missing_files(tmp_path):
         OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", enable_watermark=False)
 
 
+def test_from_local_reports_a_corrupt_checkpoint_file(tmp_path, oracle_ckpt):
+    """A truncated or empty safetensors file: CheckpointError naming the file, not safetensors' own error."""
+    from chatterbox_fast.weights import CheckpointError
+
+    for f in oracle_ckpt.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    for data in (b"", (oracle_ckpt / "t3_cfg.safetensors").open("rb").read(100_000)):
+        (tmp_path / "t3_cfg.safetensors").unlink()
+        (tmp_path / "t3_cfg.safetensors").write_bytes(data)
+        with pytest.raises(CheckpointError, match=r"cannot read .*t3_cfg\.safetensors.*download again"):
+            OptimizedChatterboxTTS.from_local(tmp_path, device="cpu", enable_watermark=False)
+
+
 def test_watermark_without_perth_fails_at_load_with_a_hint(oracle_ckpt, monkeypatch):
     monkeypatch.setitem(sys.modules, "perth", None)  # `import perth` raises ImportError, installed or not
     with pytest.raises(ImportError, match=r"chatterbox-fast\[watermark\]"):
