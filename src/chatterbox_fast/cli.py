@@ -16,7 +16,8 @@ def _speak_parser(sub) -> None:
                     "--ckpt-dir points at a local copy of its files.",
     )
     p.add_argument("text", help="the text to speak (use '-' to read it from standard input)")
-    p.add_argument("-o", "--output", type=Path, default=Path("out.wav"), help="output audio path: .wav (default out.wav), .flac, .ogg, .mp3")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.wav"),
+                   help="output audio file; the extension picks the format: .wav (default out.wav), .flac, .ogg, .mp3")
     p.add_argument("--voice", type=Path, help="reference clip to clone (wav/flac/ogg, any rate), or a saved "
                                               "voice profile (.pt)")
     p.add_argument("--save-voice", type=Path, help="also save the voice profile prepared from --voice here")

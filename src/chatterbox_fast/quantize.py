@@ -36,7 +36,8 @@ Kernels (`Int8Linear.forward`):
   rounded to bf16, relative 2^-9): T3's prefill 2.0-2.3 s -> 0.6-1.0 s for a 144-position prompt on the 2-core AMX
   VM, first-token distribution within TV 0.001 of the fp32-math prefill (int8's own drift: 0.016). `_bf16_prefill_gemm`.
 - elsewhere (CUDA, MPS, a torch without the op) and for more rows (CPU prefill without native bf16):
-  `F.linear(x, q.to(x.dtype)) * scale`, correct on every device. The float weight it makes is a temporary of one layer, freed after the call.
+  `F.linear(x, q.to(x.dtype)) * scale`, correct on every device. The float weight it makes is a temporary of one
+  layer, freed after the call.
   (On CUDA, whether torch.compile fuses the int8 -> float conversion into the GEMM is not measured yet: in
   inductor's default mode the GEMM is an extern cuBLAS call, so the conversion is likely a kernel of its own.)
 The CPU engine's decode step calls the same kernel from inside `chatterbox_fast::decode_layers` (all layers in
