@@ -22,8 +22,8 @@ def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
 class KVCache(nn.Module):
     """`zero=False` leaves the slots uninitialised (no pass over the whole cache: on a CPU, only the pages of the
     slots a generation writes are ever touched): only for readers that never read a slot before writing it (the
-    fused CPU decode step and the speculative decoder: decode.ensure_caches(..., zero=False)). Masked readers of a whole bucket (the module
-    path's SDPA) need zeros: a masked-out slot's garbage could be NaN, and 0 x NaN is NaN."""
+    fused CPU decode step and the speculative decoder: decode.ensure_caches(..., zero=False)). Masked readers of a
+    whole bucket (the module path's SDPA) need zeros: a masked-out slot's garbage could be NaN, and 0 x NaN is NaN."""
 
     def __init__(self, batch: int, n_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None, zero: bool = True):

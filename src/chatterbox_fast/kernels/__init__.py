@@ -53,8 +53,8 @@ them in one graph as extern calls; fake implementations below give their output 
 - `torch.ops.chatterbox_fast.decode_layers(x (B, D) or (T, B, D), weights, scales, norms, k_caches, v_caches,
   kv_scales, rope, input_pos, eps) -> x's shape`: every T3 layer of one decode step in one call (generation/fused.py),
   writing each layer's k / v into its cache slot input_pos (T tokens: slots input_pos .. + T - 1, causal attention
-  among them: the speculative decoder's verification); int8 / bf16 / fp32 layer weights, fp32 / bf16 / int8 caches (int8:
-  per-row scales in kv_scales, 2 per layer; empty otherwise), fp32 math.
+  among them: the speculative decoder's verification); int8 / bf16 / fp32 layer weights, fp32 / bf16 / int8 caches
+  (int8: per-row scales in kv_scales, 2 per layer; empty otherwise), fp32 math.
 
 Environment:
 - CHATTERBOX_FAST_CPU_KERNELS=0 disables them (the pure-PyTorch paths run).

@@ -381,7 +381,8 @@ class ConditionalDecoder(nn.Module):
         self.time_mlp = TimestepEmbedding(cfg.in_channels, te)
         # [resnet, transformer blocks, conv]: the reference's downsample/upsample are plain causal convs here.
         self.down_blocks = nn.ModuleList(
-            [nn.ModuleList([CausalResnetBlock1D(cfg.in_channels, c, te), _transformer_stack(cfg), CausalConv1d(c, c, 3)])]
+            [nn.ModuleList([CausalResnetBlock1D(cfg.in_channels, c, te), _transformer_stack(cfg),
+                            CausalConv1d(c, c, 3)])]
         )
         self.mid_blocks = nn.ModuleList(
             nn.ModuleList([CausalResnetBlock1D(c, c, te), _transformer_stack(cfg)]) for _ in range(cfg.num_mid_blocks)
