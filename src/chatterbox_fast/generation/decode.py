@@ -51,7 +51,7 @@ def ensure_caches(model: T3, batch: int, n: int, zero: bool = True) -> None:
     replaces a cache that was allocated without zeros (masked readers of a whole bucket need them)."""
     if n > model.max_seq or batch != model.max_batch:
         model.setup_caches(batch, cache_len(n), zero)
-    elif not model.caches_allocated or (zero and not model.caches_zeroed):  # released: back at the same size
+    else:  # a no-op unless released or unzeroed when zeros are asked for (setup_caches decides)
         model.setup_caches(batch, model.max_seq, zero)
 
 
