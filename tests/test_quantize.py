@@ -75,6 +75,34 @@ def test_quantize_weight_is_symmetric_per_channel():
     assert float(s[2] / s[0]) > 20  # row 2 got its own scale
 
 
+@pytest.mark.parametrize("bf16_scales", [True, False])
+@pytest.mark.parametrize("k", [1, 15, 16, 33, 1024])
+def test_quantize_weight_kernel_is_bit_identical_to_the_torch_formula(k, bf16_scales):
+    """The C++ op (T3's int8 copies at load) against quantize_weight_int8's PyTorch formula: the same bits."""
+    if not cpu_kernels.load():
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.error()}")
+    g = torch.Generator().manual_seed(k)
+    big = torch.randn(40, k + 3, generator=g) * torch.logspace(-30, 30, 40)[:, None]  # scales far apart
+    big[5] = 0.0  # an all-zero row: scale 1, q 0
+    if k >= 16:  # exact ties: max 127 * 2^-7 gives s = 2^-7 (bf16 too), and w / s = j + 0.5 rounds half to even
+        big[9, 1:1 + k] = (torch.arange(k) % 9 - 4 + 0.5) / 128
+        big[9, 1] = 127 / 128
+    w = big[:, 1:1 + k]  # rows with a stride (a view)
+    q, s = torch.ops.chatterbox_fast.quantize_weight_int8(w, bf16_scales)
+    qr, sr = qmod._quantize_weight_int8_torch(w, bf16_scales)
+    assert q.dtype == torch.int8 and q.shape == w.shape and s.shape == (40,)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    assert s[5] == 1 and (q[5] == 0).all()
+    if k >= 16:
+        assert torch.equal(q[9, 1:9], torch.tensor([-2, -2, 0, 0, 2, 2, 4, 4], dtype=torch.int8))  # half to even
+    got, _ = qmod.quantize_weight_int8(w, bf16_scales)  # the public function takes the op
+    assert torch.equal(got, q)
+    with pytest.raises(RuntimeError, match="quantize_weight_int8: w must be"):
+        torch.ops.chatterbox_fast.quantize_weight_int8(w.double(), bf16_scales)
+    with pytest.raises(RuntimeError, match="quantize_weight_int8: w must be"):
+        torch.ops.chatterbox_fast.quantize_weight_int8(w.t(), bf16_scales)  # columns not contiguous
+
+
 @pytest.mark.parametrize("kernel", ["ours", "int8pack"])
 @pytest.mark.parametrize("shape", [(2, 64), (2, 1, 64), (3, 5, 64)])
 def test_int8_linear_matches_dequantised_reference(monkeypatch, shape, kernel):

@@ -135,6 +135,13 @@ def quantize_weight_int8(w: Tensor, bf16_scales: bool = True) -> tuple[Tensor, T
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"expected a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
     wf = w.detach().float()
+    if _w8a8_kernels(wf):  # the same formula in one C++ pass per row, bit for bit (~6x faster)
+        return torch.ops.chatterbox_fast.quantize_weight_int8(wf, bf16_scales)
+    return _quantize_weight_int8_torch(wf, bf16_scales)
+
+
+def _quantize_weight_int8_torch(wf: Tensor, bf16_scales: bool) -> tuple[Tensor, Tensor]:
+    """quantize_weight_int8 in PyTorch ops (no kernels, other devices; the C++ op's reference in the tests)."""
     N, K = wf.shape
     scale = torch.empty(N, dtype=torch.float32, device=wf.device)
     q = torch.empty(N, K, dtype=torch.int8, device=wf.device)

@@ -24,6 +24,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint does not match the module it is loaded into."""
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim); built on the meta device (as the loaders build every model before assigning the
+    checkpoint's tensors) it skips its random init: nn.Embedding's normal_ on meta is a Python meta kernel whose first
+    call imports torch's decomposition stack (~2 s per process, measured), for values that are replaced anyway."""
+    if torch.empty(0).is_meta:  # inside `with torch.device("meta")`
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 @dataclass(frozen=True)
 class KeyMap:
     prefix: str = ""

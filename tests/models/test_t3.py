@@ -109,3 +109,36 @@ def test_teacher_forced_decode_matches_reference(t3, oracle_fixture, setting):
             state.input_pos += 1
             state.speech_pos += 1
     print(f"{setting}: {len(tokens)} steps, max |raw logit err| {worst_raw:.2e}, max |prob err| {worst_p:.2e}")
+
+
+def test_fuse_projections_and_meta_builds_skip_random_init(monkeypatch):
+    """Loading replaces every initial value, so random init there is wasted time (2.7 s for fuse_projections' new
+    linears on the full model; nn.Embedding's normal_ on meta imports torch's decomposition stack, ~2 s): neither
+    may run it. On a real device `embedding` still initialises like nn.Embedding."""
+    from torch import nn
+
+    from chatterbox_fast.weights import embedding
+    from helpers import tiny_t3
+
+    model = tiny_t3()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    calls = []
+    for name in ("kaiming_uniform_", "uniform_", "normal_"):
+        real = getattr(nn.init, name)
+
+        def spy(t, *a, _real=real, _name=name, **k):
+            calls.append((_name, t.device.type))
+            return _real(t, *a, **k)
+        monkeypatch.setattr(nn.init, name, spy)
+    model.fuse_projections()
+    assert [c for c in calls if c[1] != "meta"] == [], calls
+    layer = model.tfmr.layers[0]
+    assert torch.equal(layer.self_attn.qkv_proj.weight, torch.cat([before[f"tfmr.layers.0.self_attn.{n}_proj.weight"]
+                                                                   for n in "qkv"]))
+    calls.clear()
+    with torch.device("meta"):
+        e = embedding(7, 4)
+    assert e.weight.is_meta and e.weight.shape == (7, 4) and calls == []
+    e = embedding(300, 50)
+    assert e.weight.device.type == "cpu" and ("normal_", "cpu") in calls
+    assert 0.8 < float(e.weight.std()) < 1.2  # initialised as nn.Embedding is (N(0, 1))

@@ -38,6 +38,9 @@ them in one graph as extern calls; fake implementations below give their output 
   (q = round(x * 127 / max|x_m|), s = max|x_m| / 127); `dequant_rows(acc (M, N) int32, sx (M,), sw (N,), bias?)
   -> (M, N) f32` = acc * sx[m] * sw[n] + bias[n], and `dequant_rows_acc_(y, ...)` adding that into y in place: the
   two elementwise passes around `torch._int_mm` of the opt-in int8 estimator GEMMs (quantize.W8A8Linear).
+- `torch.ops.chatterbox_fast.quantize_weight_int8(w (N, K) f32, bf16_scales) -> (q (N, K) int8, scale (N,) f32)`:
+  `quantize.quantize_weight_int8`'s formula (per-row scale max|w| / 127, bf16-rounded if asked; q = round(w / s)),
+  bit for bit, in one pass per row (T3's int8 copies at load: the speculative draft, `quantize="int8"`).
 - `torch.ops.chatterbox_fast.layer_norm_fused(x (..., C), add (C,)?, weight, bias, eps, mish) -> y`: LayerNorm over
   the last dim of x + add (add, when given, is written into x first: a GEMM's pending bias), then Mish if `mish`;
   `bias_gelu_(y (..., N), bias (N,))`: y = gelu(y + bias) in place, exact (erf) GELU. The estimator's elementwise
@@ -203,6 +206,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("chatterbox_fast::quantize_rows")
     def _quantize_rows_fake(x):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1])
+
+    @torch.library.register_fake("chatterbox_fast::quantize_weight_int8")
+    def _quantize_weight_int8_fake(w, bf16_scales):
+        return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[:1])
 
     @torch.library.register_fake("chatterbox_fast::dequant_rows")
     def _dequant_rows_fake(acc, sx, sw, bias):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import kernels as cpu_kernels
 from ..config import T3Config
 from ..generation.kv_cache import KVCache
-from ..weights import KeyMap
+from ..weights import KeyMap, embedding
 from .t3_cond import T3CondEnc
 
 # Every key of t3_cfg.safetensors maps 1:1 onto our modules; nothing is dropped.
@@ -92,7 +92,7 @@ class Attention(nn.Module):
         if self.qkv_proj is not None:
             return
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # no random init of a copy
         self.qkv_proj.weight = nn.Parameter(w, requires_grad=False)
         del self.q_proj, self.k_proj, self.v_proj
 
@@ -133,7 +133,7 @@ class MLP(nn.Module):
         if self.gate_up_proj is not None:
             return
         w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         self.gate_up_proj.weight = nn.Parameter(w, requires_grad=False)
         del self.gate_proj, self.up_proj
 
@@ -162,7 +162,7 @@ class Llama(nn.Module):
 
     def __init__(self, cfg: T3Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.llama_vocab_size, cfg.dim)
+        self.embed_tokens = embedding(cfg.llama_vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
@@ -170,7 +170,7 @@ class Llama(nn.Module):
 class LearnedPositionEmbeddings(nn.Module):
     def __init__(self, n: int, dim: int):
         super().__init__()
-        self.emb = nn.Embedding(n, dim)
+        self.emb = embedding(n, dim)
 
 
 class T3(nn.Module):
@@ -179,8 +179,8 @@ class T3(nn.Module):
         self.cfg = cfg
         self.tfmr = Llama(cfg)
         self.cond_enc = T3CondEnc(cfg)
-        self.text_emb = nn.Embedding(cfg.text_vocab_size, cfg.dim)
-        self.speech_emb = nn.Embedding(cfg.speech_vocab_size, cfg.dim)
+        self.text_emb = embedding(cfg.text_vocab_size, cfg.dim)
+        self.speech_emb = embedding(cfg.speech_vocab_size, cfg.dim)
         self.text_pos_emb = LearnedPositionEmbeddings(cfg.text_pos_size, cfg.dim)
         self.speech_pos_emb = LearnedPositionEmbeddings(cfg.speech_pos_size, cfg.dim)
         self.text_head = nn.Linear(cfg.dim, cfg.text_vocab_size, bias=False)

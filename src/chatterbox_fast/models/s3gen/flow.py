@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...constants import SPEECH_VOCAB_SIZE
-from ...weights import KeyMap
+from ...weights import KeyMap, embedding
 from .encoder import ConformerEncoderConfig, UpsampleConformerEncoder
 from .estimator import ConditionalDecoder, EstimatorConfig
 
@@ -145,7 +145,7 @@ class S3GenFlow(nn.Module):
         if cfg.input_size != cfg.encoder.d_model:
             raise ValueError(f"input_size {cfg.input_size} must equal the encoder width {cfg.encoder.d_model}")
         self.cfg = cfg
-        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
+        self.input_embedding = embedding(cfg.vocab_size, cfg.input_size)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.n_feats)
         self.encoder = UpsampleConformerEncoder(cfg.encoder)
         self.encoder_proj = nn.Linear(cfg.encoder.d_model, cfg.n_feats)

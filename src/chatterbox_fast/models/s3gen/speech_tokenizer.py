@@ -203,9 +203,10 @@ class FSQCodebook(nn.Module):
         super().__init__()
         self.project_down = nn.Linear(cfg.n_state, cfg.fsq_dims)
         self.scale = cfg.fsq_scale
-        self.register_buffer(
-            "powers", cfg.fsq_levels ** torch.arange(cfg.fsq_dims, dtype=torch.long), persistent=False
-        )
+        powers = torch.empty(cfg.fsq_dims, dtype=torch.long)  # on meta: a placeholder, init_buffers fills it
+        if not powers.is_meta:  # (meta math runs Python meta kernels: ~2 s of imports on first use)
+            powers = cfg.fsq_levels ** torch.arange(cfg.fsq_dims, dtype=torch.long)
+        self.register_buffer("powers", powers, persistent=False)
 
     def pre_round(self, hidden: Tensor) -> Tensor:
         """(B, T, 1280) -> (B, T, 8) float32 values in (-0.999, 0.999) that FSQ rounds to {-1, 0, 1}."""
