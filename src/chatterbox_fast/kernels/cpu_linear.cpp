@@ -1532,8 +1532,8 @@ void attend_head_generic(const Head& h, int64_t T, int64_t Dh, float qscale) {
 // fly (symmetric, q = round(x * 127 / max|x|) in [-127, 127]), an int8 x int8 -> int32 GEMM runs (torch._int_mm),
 // and one fused pass dequantises: y (+)= acc * s_x[m] * s_w[n] + bias[n]. These two passes are the kernels here.
 namespace w8a8 {
-// q[0..K) = round(x * 127 / amax) (nearest even, as torch.round), *s = amax / 127 (0 for an all-zero row)
-void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
+// max |x[0..K)| (exact in any order)
+inline float row_amax(const float* x, int64_t K) {
   float amax = 0.f;
   int64_t k = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -1542,9 +1542,15 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
   amax = Isa::reduce_max(m);
 #endif
   for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  return amax;
+}
+
+// q[0..K) = round(x * 127 / amax) (nearest even, as torch.round), *s = amax / 127 (0 for an all-zero row)
+void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
+  const float amax = row_amax(x, K);
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   *s = amax / 127.f;
-  k = 0;
+  int64_t k = 0;
 #if defined(__AVX512F__)
   const __m512 vi = _mm512_set1_ps(inv);
   for (; k + 16 <= K; k += 16)  // cvtps rounds to nearest even (MXCSR default); the int8 narrowing saturates
@@ -1575,19 +1581,11 @@ inline float round_bf16(float x) {
 // to bf16 if asked; 1 for an all-zero row), q = clamp(round(w / s), -127, 127), round half to even. Division and
 // rounding are exact IEEE operations in every path; finite weights only (NaN handling is not torch's).
 void quantize_weight_row(const float* w, int64_t K, bool bf16, int8_t* q, float* s) {
-  float amax = 0.f;
-  int64_t k = 0;
-#if defined(__AVX512F__) || defined(__AVX2__)
-  Isa::V m = Isa::zero();
-  for (; k + Isa::L <= K; k += Isa::L) m = Isa::max(m, Isa::abs(Isa::load(w + k)));
-  amax = Isa::reduce_max(m);
-#endif
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(w[k]));
-  float sc = amax / 127.f;
+  float sc = row_amax(w, K) / 127.f;
   if (bf16) sc = round_bf16(sc);
   if (!(sc > 0.f)) sc = 1.f;
   *s = sc;
-  k = 0;
+  int64_t k = 0;
 #if defined(__AVX512F__)
   const __m512 vs = _mm512_set1_ps(sc), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   for (; k + 16 <= K; k += 16) {
