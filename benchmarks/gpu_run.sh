@@ -81,7 +81,7 @@ EOF
 
 if [ "$DEVICE" = "cuda" ]; then
   log "CUDA tests"
-  timeout "${TESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests/generation/test_cuda_graph.py tests/generation/test_decode.py} \
+  timeout "${TESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests/generation/test_cuda_graph.py tests/generation/test_decode.py tests/test_memory.py} \
     > "$OUT/tests.log" 2>&1; tail -15 "$OUT/tests.log"
 fi
 

@@ -1,4 +1,5 @@
-"""memory.release_file_pages: drops the pages of memory-mapped checkpoint tensors only, and never changes values."""
+"""memory: release_file_pages drops the pages of memory-mapped checkpoint tensors only and never changes values;
+to_host copies a result to the CPU (pinned memory from CUDA)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from chatterbox_fast.memory import release_file_pages
+from chatterbox_fast.memory import release_file_pages, to_host
 from chatterbox_fast.weights import read_safetensors
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and madvise")
@@ -66,3 +67,16 @@ def test_quantize_t3_hands_each_replaced_weight_to_release():
     assert set(seen) == originals
     quantize_t3(model, "int8", release=lambda t: seen.append(id(t)))  # already converted: nothing replaced
     assert len(seen) == len(model.tfmr.layers) * len(T3_LAYER_LINEARS)
+
+
+def test_to_host_cpu_is_the_same_tensor():
+    x = torch.randn(1, 7)
+    assert to_host(x) is x  # no copy on the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_host_from_cuda_is_pinned_and_exact():
+    x = torch.randn(1, 24000, device="cuda")
+    y = to_host(x * 2)
+    assert y.device.type == "cpu" and y.is_pinned()
+    assert torch.equal(y, (x * 2).cpu())

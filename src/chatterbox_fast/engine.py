@@ -24,7 +24,7 @@ from .constants import REPO_ID, S3GEN_SR
 from .generation.decode import PrefixKV, check_max_new_tokens, clean_speech_tokens, ensure_caches, generate_tokens
 from .generation.sampling import SamplingParams
 from .loading import Components, download_checkpoint, load_components
-from .memory import release_file_pages
+from .memory import release_file_pages, to_host
 from .models.s3gen.estimator import ConditionalDecoder
 
 logger = logging.getLogger(__name__)
@@ -519,7 +519,7 @@ class OptimizedChatterboxTTS:
                                     generator=generator, n_timesteps=cfm_steps)
 
     def _finish(self, wav: Tensor) -> Tensor:
-        wav = wav.float().cpu()
+        wav = to_host(wav.float())  # from a GPU: a pinned-memory copy
         if self.watermarker is not None and wav.numel():
             marked = self.watermarker.apply_watermark(wav.squeeze(0).numpy(), sample_rate=self.sr)
             wav = torch.from_numpy(np.ascontiguousarray(marked, dtype=np.float32)).unsqueeze(0)

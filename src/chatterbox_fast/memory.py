@@ -1,4 +1,4 @@
-"""Host-memory helpers for the loaders (Linux): give back the pages of memory-mapped checkpoint tensors.
+"""Host-memory helpers: give back the pages of memory-mapped checkpoint tensors (Linux), copy results to the host.
 
 Checkpoints are memory-mapped (safetensors), so a weight that is read once and then replaced (T3's linears when they
 are converted to int8 / bf16) leaves its file pages resident for as long as the mapping lives, and the mapping lives
@@ -63,3 +63,16 @@ def release_file_pages(t: torch.Tensor, suffix: str = ".safetensors") -> int:
     if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) != 0:
         return 0
     return hi - lo
+
+
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """x on the CPU. From a CUDA device: one asynchronous copy into pinned (page-locked) host memory, then a wait on
+    the current stream only; the copy engine writes straight into the pinned buffer (a plain `.cpu()` stages it
+    through a pageable one). Pinned buffers come from torch's caching host allocator, so requests reuse them.
+    Other devices: `x.cpu()` (a no-op on the CPU)."""
+    if x.device.type != "cuda":
+        return x.cpu()
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    out.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()
+    return out
